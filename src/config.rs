@@ -1,0 +1,434 @@
+//! Configuration: a TOML file, overridden by environment variables, resolved once
+//! into a validated [`Config`]. Every key is documented in `config.example.toml`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::redact::redact_url;
+
+/// A configuration problem, named by its key, with the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    /// The file is not valid TOML for Kurier (unknown key, wrong type, ...).
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    /// A key is missing or has a value Kurier cannot use.
+    #[error("config key `{key}`: {problem}; fix: {fix}")]
+    Invalid { key: String, problem: String, fix: String },
+}
+
+impl ConfigError {
+    fn invalid(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> Self {
+        ConfigError::Invalid { key: key.to_owned(), problem: problem.into(), fix: fix.into() }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The validated configuration of the daemon.
+#[derive(Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub database_max_connections: u32,
+    pub kafka: KafkaConfig,
+    pub relay: RelayConfig,
+    pub http_addr: Option<SocketAddr>,
+    pub log_format: LogFormat,
+    pub shutdown_grace: Duration,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("kafka", &self.kafka)
+            .field("relay", &self.relay)
+            .field("http_addr", &self.http_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Kafka producer settings.
+#[derive(Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    /// librdkafka properties passed through as they are (after the checks in
+    /// [`check_kafka_properties`]).
+    pub properties: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let keys: Vec<&String> = self.properties.keys().collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("property_keys", &keys)
+            .finish()
+    }
+}
+
+/// Outbox relay settings.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub enabled: bool,
+    pub batch_size: u32,
+    pub poll_interval: Duration,
+    pub max_attempts: u32,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    /// How often a standby instance tries to become the active relay.
+    pub standby_interval: Duration,
+}
+
+// ---- the file's shape -------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    database: RawDatabase,
+    #[serde(default)]
+    kafka: RawKafka,
+    #[serde(default)]
+    relay: RawRelay,
+    #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
+    log: RawLog,
+    shutdown_grace_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    url: Option<String>,
+    max_connections: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKafka {
+    brokers: Option<String>,
+    #[serde(default)]
+    properties: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRelay {
+    enabled: Option<bool>,
+    batch_size: Option<u32>,
+    poll_interval_ms: Option<u64>,
+    max_attempts: Option<u32>,
+    retry_min_ms: Option<u64>,
+    retry_max_ms: Option<u64>,
+    standby_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    addr: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<LogFormat>,
+}
+
+/// Where configuration values come from, besides the file.
+pub trait Env {
+    fn get(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl Env for BTreeMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        BTreeMap::get(self, name).cloned()
+    }
+}
+
+/// Command-line overrides, applied last.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub http_addr: Option<String>,
+}
+
+impl Config {
+    /// Loads `path` (if any), applies the environment and the overrides, validates.
+    pub fn load(path: Option<&Path>, env: &dyn Env, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let raw = match path {
+            Some(p) => read_file(p)?,
+            None => RawConfig::default(),
+        };
+        resolve(raw, env, overrides)
+    }
+
+    /// Parses TOML text (as a file would hold), then environment and overrides.
+    pub fn from_toml(text: &str, env: &dyn Env, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let raw = parse(text, "<inline>")?;
+        resolve(raw, env, overrides)
+    }
+}
+
+fn read_file(path: &Path) -> Result<RawConfig, ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+    parse(&text, &shown)
+}
+
+fn parse(text: &str, path: &str) -> Result<RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: format!("{}; see config.example.toml for every key", e.to_string().trim_end()),
+    })
+}
+
+fn resolve(raw: RawConfig, env: &dyn Env, overrides: &Overrides) -> Result<Config, ConfigError> {
+    let database_url = env
+        .get("DATABASE_URL")
+        .or(raw.database.url)
+        .ok_or_else(|| ConfigError::invalid("database.url", "not set", "set DATABASE_URL or database.url, e.g. postgres://user@127.0.0.1:5432/app"))?;
+    check_database_url(&database_url)?;
+    let brokers = env
+        .get("KAFKA_BROKERS")
+        .or(raw.kafka.brokers)
+        .ok_or_else(|| ConfigError::invalid("kafka.brokers", "not set", "set KAFKA_BROKERS or kafka.brokers, e.g. 127.0.0.1:9092"))?;
+    let properties = kafka_properties(raw.kafka.properties, env)?;
+    let http_addr = overrides.http_addr.clone().or_else(|| env.get("KURIER_HTTP_ADDR")).or(raw.http.addr);
+    let log_format = match env.get("KURIER_LOG_FORMAT") {
+        Some(v) => parse_log_format(&v)?,
+        None => raw.log.format.unwrap_or(LogFormat::Text),
+    };
+    let relay = resolve_relay(raw.relay, env)?;
+    Ok(Config {
+        database_url,
+        database_max_connections: env_num(env, "KURIER_DATABASE_MAX_CONNECTIONS", "database.max_connections")?
+            .or(raw.database.max_connections)
+            .unwrap_or(4),
+        kafka: KafkaConfig { brokers, properties },
+        relay,
+        http_addr: http_addr.map(|a| parse_addr(&a)).transpose()?,
+        log_format,
+        shutdown_grace: Duration::from_millis(
+            env_num(env, "KURIER_SHUTDOWN_GRACE_MS", "shutdown_grace_ms")?.or(raw.shutdown_grace_ms).unwrap_or(10_000),
+        ),
+    })
+}
+
+fn resolve_relay(raw: RawRelay, env: &dyn Env) -> Result<RelayConfig, ConfigError> {
+    let enabled = match env.get("KURIER_RELAY_ENABLED") {
+        Some(v) => parse_bool("relay.enabled (KURIER_RELAY_ENABLED)", &v)?,
+        None => raw.enabled.unwrap_or(true),
+    };
+    let ms = |name: &str, key: &str, file: Option<u64>, default: u64| -> Result<Duration, ConfigError> {
+        Ok(Duration::from_millis(env_num(env, name, key)?.or(file).unwrap_or(default)))
+    };
+    let relay = RelayConfig {
+        enabled,
+        batch_size: env_num(env, "KURIER_RELAY_BATCH_SIZE", "relay.batch_size")?.or(raw.batch_size).unwrap_or(1000),
+        poll_interval: ms("KURIER_RELAY_POLL_INTERVAL_MS", "relay.poll_interval_ms", raw.poll_interval_ms, 100)?,
+        max_attempts: env_num(env, "KURIER_RELAY_MAX_ATTEMPTS", "relay.max_attempts")?.or(raw.max_attempts).unwrap_or(10),
+        retry_min: ms("KURIER_RELAY_RETRY_MIN_MS", "relay.retry_min_ms", raw.retry_min_ms, 100)?,
+        retry_max: ms("KURIER_RELAY_RETRY_MAX_MS", "relay.retry_max_ms", raw.retry_max_ms, 30_000)?,
+        standby_interval: ms("KURIER_RELAY_STANDBY_INTERVAL_MS", "relay.standby_interval_ms", raw.standby_interval_ms, 1000)?,
+    };
+    if relay.batch_size == 0 || relay.batch_size > 50_000 {
+        return Err(ConfigError::invalid("relay.batch_size", format!("{} is out of range", relay.batch_size), "use a value from 1 to 50000 (default 1000)"));
+    }
+    if relay.poll_interval.is_zero() {
+        return Err(ConfigError::invalid("relay.poll_interval_ms", "0 would poll in a busy loop", "use at least 1 (default 100)"));
+    }
+    if relay.max_attempts == 0 {
+        return Err(ConfigError::invalid("relay.max_attempts", "0 leaves no attempt", "use at least 1 (default 10)"));
+    }
+    if relay.retry_min > relay.retry_max {
+        return Err(ConfigError::invalid("relay.retry_min_ms", "greater than relay.retry_max_ms", "make retry_min_ms <= retry_max_ms"));
+    }
+    Ok(relay)
+}
+
+/// Keys Kurier sets itself because its guarantees depend on them.
+const FIXED_PROPERTIES: &[(&str, &[&str], &str)] = &[
+    ("enable.idempotence", &["true"], "without it producer retries reorder messages of one key"),
+    ("acks", &["all", "-1"], "anything less than acks=all can lose acknowledged messages"),
+    ("bootstrap.servers", &[], "set kafka.brokers (or KAFKA_BROKERS) instead"),
+];
+
+fn kafka_properties(file: BTreeMap<String, toml::Value>, env: &dyn Env) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for (k, v) in file {
+        let s = match v {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            other => {
+                return Err(ConfigError::invalid(
+                    &format!("kafka.properties.\"{k}\""),
+                    format!("a {} cannot be a librdkafka property", other.type_str()),
+                    "give a string, number or boolean",
+                ))
+            }
+        };
+        out.insert(k, s);
+    }
+    // KURIER_KAFKA_PROPERTIES="linger.ms=5,compression.type=lz4" adds to or overrides the file.
+    if let Some(list) = env.get("KURIER_KAFKA_PROPERTIES") {
+        for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (k, v) = item.split_once('=').ok_or_else(|| {
+                ConfigError::invalid("KURIER_KAFKA_PROPERTIES", format!("`{item}` is not key=value"), "write comma-separated key=value pairs, e.g. linger.ms=5,compression.type=lz4")
+            })?;
+            out.insert(k.trim().to_owned(), v.trim().to_owned());
+        }
+    }
+    check_kafka_properties(&out)?;
+    Ok(out)
+}
+
+/// Refuses pass-through properties that would break a delivery guarantee.
+pub fn check_kafka_properties(props: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    for (key, allowed, why) in FIXED_PROPERTIES {
+        if let Some(v) = props.get(*key) {
+            if !allowed.iter().any(|a| a.eq_ignore_ascii_case(v.trim())) {
+                let fix = if allowed.is_empty() { why.to_string() } else { format!("remove it (Kurier sets {key}={}): {why}", allowed[0]) };
+                return Err(ConfigError::invalid(&format!("kafka.properties.\"{key}\""), format!("value `{v}` is not allowed"), fix));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_database_url(url: &str) -> Result<(), ConfigError> {
+    let ok = url::Url::parse(url).map(|u| matches!(u.scheme(), "postgres" | "postgresql")).unwrap_or(false);
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            "database.url",
+            format!("`{}` is not a postgres:// URL", redact_url(url)),
+            "use postgres://USER[:PASSWORD]@HOST:PORT/DATABASE (DATABASE_URL)",
+        ))
+    }
+}
+
+fn parse_addr(v: &str) -> Result<SocketAddr, ConfigError> {
+    v.parse().map_err(|_| ConfigError::invalid("http.addr", format!("`{v}` is not a socket address"), "use HOST:PORT, e.g. 127.0.0.1:9187 (--http-addr / KURIER_HTTP_ADDR)"))
+}
+
+fn parse_log_format(v: &str) -> Result<LogFormat, ConfigError> {
+    match v.to_ascii_lowercase().as_str() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(ConfigError::invalid("log.format (KURIER_LOG_FORMAT)", format!("`{v}` is unknown"), "use text or json")),
+    }
+}
+
+fn parse_bool(key: &str, v: &str) -> Result<bool, ConfigError> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(ConfigError::invalid(key, format!("`{v}` is not a boolean"), "use true or false")),
+    }
+}
+
+/// A numeric environment variable; an unparsable value is an error, never a silent default.
+fn env_num<T: std::str::FromStr>(env: &dyn Env, name: &str, key: &str) -> Result<Option<T>, ConfigError> {
+    match env.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| ConfigError::invalid(&format!("{key} ({name})"), format!("`{v}` is not a non-negative whole number"), "give a number like the default in config.example.toml")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    const BASE: &[(&str, &str)] = &[("DATABASE_URL", "postgres://u:secret@h/db"), ("KAFKA_BROKERS", "b:9092")];
+
+    #[test]
+    fn environment_alone_is_enough() {
+        let c = Config::from_toml("", &env(BASE), &Overrides::default()).unwrap();
+        assert_eq!(c.kafka.brokers, "b:9092");
+        assert_eq!(c.relay.batch_size, 1000);
+        assert!(c.http_addr.is_none());
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let toml = "[kafka]\nbrokers = \"file:1\"\n[relay]\nbatch_size = 10\n";
+        let mut e = env(BASE);
+        e.insert("KURIER_RELAY_BATCH_SIZE".into(), "20".into());
+        let c = Config::from_toml(toml, &e, &Overrides::default()).unwrap();
+        assert_eq!(c.kafka.brokers, "b:9092");
+        assert_eq!(c.relay.batch_size, 20);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml("[relay]\nbatch_sise = 5\n", &env(BASE), &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("batch_sise"), "{err}");
+    }
+
+    #[test]
+    fn unparsable_env_is_an_error_naming_the_variable() {
+        let mut e = env(BASE);
+        e.insert("KURIER_RELAY_POLL_INTERVAL_MS".into(), "fast".into());
+        let err = Config::from_toml("", &e, &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("KURIER_RELAY_POLL_INTERVAL_MS") && err.contains("fast"), "{err}");
+    }
+
+    #[test]
+    fn idempotence_cannot_be_turned_off() {
+        let toml = "[kafka.properties]\n\"enable.idempotence\" = false\n";
+        let err = Config::from_toml(toml, &env(BASE), &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("enable.idempotence"), "{err}");
+    }
+
+    #[test]
+    fn password_never_in_error_or_debug() {
+        let e = env(&[("DATABASE_URL", "mysql://u:hunter2@h/db"), ("KAFKA_BROKERS", "b")]);
+        let err = Config::from_toml("", &e, &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("database.url") && !err.contains("hunter2"), "{err}");
+        let c = Config::from_toml("", &env(BASE), &Overrides::default()).unwrap();
+        assert!(!format!("{c:?}").contains("secret"));
+    }
+
+    #[test]
+    fn missing_database_url_names_the_fix() {
+        let err = Config::from_toml("", &env(&[("KAFKA_BROKERS", "b")]), &Overrides::default()).unwrap_err().to_string();
+        assert!(err.contains("DATABASE_URL"), "{err}");
+    }
+}

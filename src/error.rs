@@ -1,0 +1,69 @@
+//! The library's error type.
+
+use crate::config::ConfigError;
+
+/// Everything that can go wrong in Kurier's library calls.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// A message that can never be published (bad topic name, bad headers, ...).
+    #[error("invalid message: {0}")]
+    InvalidMessage(String),
+    /// The database lacks Kurier's schema or rights; retrying cannot help.
+    #[error("{problem}; fix: {fix}")]
+    Setup { problem: String, fix: String },
+    #[error("http listener: {0}")]
+    Http(#[source] std::io::Error),
+}
+
+impl Error {
+    /// Whether waiting and trying again may succeed (a lost connection, a
+    /// restarting server), as opposed to a mistake that needs a human.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Database(e) => database_error_is_retryable(e),
+            Error::Kafka(_) => true,
+            _ => false,
+        }
+    }
+}
+
+fn database_error_is_retryable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            // Class 42 (syntax / undefined object / insufficient privilege) and
+            // 28 (authorization) do not heal by themselves; the rest
+            // (57P01 admin shutdown, 40001 serialization, 53xxx resources...) may.
+            let code = db.code().unwrap_or_default();
+            !(code.starts_with("42") || code.starts_with("28") || code.starts_with("3D"))
+        }
+        sqlx::Error::Configuration(_) | sqlx::Error::ColumnNotFound(_) | sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => false,
+        _ => true,
+    }
+}
+
+/// Turns "relation kurier.outbox does not exist" into an instruction.
+pub(crate) fn explain_setup(e: sqlx::Error) -> Error {
+    if let sqlx::Error::Database(db) = &e {
+        match db.code().as_deref() {
+            Some("42P01") | Some("3F000") => {
+                return Error::Setup { problem: format!("Kurier's tables are missing ({})", db.message()), fix: "run `kurier migrate` against this database".into() }
+            }
+            Some("42501") => {
+                return Error::Setup {
+                    problem: format!("permission denied ({})", db.message()),
+                    fix: "grant the relay's role USAGE on schema kurier and SELECT, INSERT, UPDATE, DELETE on its tables".into(),
+                }
+            }
+            _ => {}
+        }
+    }
+    Error::Database(e)
+}

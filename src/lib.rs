@@ -1,0 +1,32 @@
+//! Kurier: a transactional outbox for PostgreSQL and Kafka.
+//!
+//! # Layout
+//! - [`outbox`]: the outbox table's Rust face: [`outbox::Message`], [`outbox::enqueue`]
+//!   for services, and the relay's claim / finish queries.
+//! - [`relay`]: the loop that moves outbox rows to Kafka (claim → publish →
+//!   delivery report → delete), with retries and dead letters.
+//! - [`publisher`]: the Kafka producer, the row → record mapping and error classes.
+//! - [`lease`]: which relay instance may publish (one active owner, fenced by its connection).
+//! - [`schema`]: `kurier migrate`.
+//! - [`daemon`]: wires relay, HTTP endpoints and shutdown; runnable in-process.
+//! - [`http`], [`health`], [`telemetry`], [`config`], [`redact`], [`error`]: the edges.
+//!
+//! See ARCHITECTURE.md for the data flow and where each guarantee is enforced.
+
+pub mod config;
+pub mod daemon;
+pub mod error;
+pub mod health;
+pub mod http;
+pub mod lease;
+pub mod outbox;
+pub mod publisher;
+pub mod redact;
+pub mod relay;
+pub mod schema;
+pub mod telemetry;
+
+pub use config::Config;
+pub use daemon::Daemon;
+pub use error::Error;
+pub use outbox::{enqueue, Message, Payload};

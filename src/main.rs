@@ -1,0 +1,91 @@
+//! The `kurier` binary: parse, wire, run. Everything else lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use kurier::config::{Config, Overrides, ProcessEnv};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+/// Transactional outbox relay: PostgreSQL → Kafka.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// TOML config file (see config.example.toml); environment variables override it.
+    #[arg(long, global = true, env = "KURIER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address of /healthz, /readyz and /metrics (e.g. 127.0.0.1:9187).
+    #[arg(long, global = true)]
+    http_addr: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create or update the `kurier` schema (idempotent, safe to run concurrently).
+    Migrate,
+    /// Run the relay until SIGTERM/SIGINT.
+    Run,
+    /// Validate the configuration and exit.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let overrides = Overrides { http_addr: cli.http_addr.clone() };
+    let config = match Config::load(cli.config.as_deref(), &ProcessEnv, &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kurier: configuration refused: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    kurier::telemetry::init(config.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    match runtime.block_on(dispatch(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("kurier: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Migrate => {
+            kurier::schema::migrate(&config.database_url).await.context("migrate")?;
+            tracing::info!("schema kurier is up to date");
+        }
+        Command::Run => run(config).await?,
+        Command::Check => println!("configuration ok: {config:?}"),
+    }
+    Ok(())
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let daemon = kurier::Daemon::bind(config).await?;
+    if let Some(addr) = daemon.http_addr() {
+        tracing::info!(%addr, "HTTP endpoints: /healthz /readyz /metrics");
+    }
+    let cancel = CancellationToken::new();
+    tokio::spawn(on_signals(cancel.clone()));
+    daemon.run(cancel).await?;
+    Ok(())
+}
+
+/// First SIGTERM/SIGINT: graceful stop. Second: exit at once.
+async fn on_signals(cancel: CancellationToken) {
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tracing::info!("shutdown requested: finishing the in-flight batch (signal again to exit at once)");
+    cancel.cancel();
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    eprintln!("kurier: second signal, exiting without waiting");
+    std::process::exit(130);
+}

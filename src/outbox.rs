@@ -1,0 +1,235 @@
+//! The outbox table: the typed [`Message`] a service enqueues inside its own
+//! transaction, and the relay's queries over `kurier.outbox`.
+//!
+//! Rows are claimed by state, never by an `id > last_seen` cursor: identity
+//! values are assigned at insert, not at commit, so a cursor would skip rows of
+//! transactions that commit late (the sequence-gap trap).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+use crate::error::Error;
+
+/// What a Kafka record's value is made of.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    /// Stored in `payload jsonb`, published as its JSON text.
+    Json(serde_json::Value),
+    /// Stored in `payload_bytes bytea` (Avro, Protobuf, ...), published as is.
+    Bytes(Vec<u8>),
+    /// No value: a Kafka tombstone (deletes the key in a compacted topic).
+    Tombstone,
+}
+
+/// One message to publish. Build it, then [`enqueue`] it on your transaction.
+///
+/// ```
+/// use kurier::Message;
+/// let msg = Message::json("orders", serde_json::json!({"type": "OrderPlaced"}))
+///     .key("order-42")
+///     .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+/// assert_eq!(msg.topic(), "orders");
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    topic: String,
+    key: Option<String>,
+    payload: Payload,
+    headers: BTreeMap<String, String>,
+    message_id: Option<Uuid>,
+}
+
+impl Message {
+    /// A message whose value is the JSON text of `value`.
+    pub fn json(topic: impl Into<String>, value: serde_json::Value) -> Self {
+        Self::with_payload(topic, Payload::Json(value))
+    }
+
+    /// A message whose value is `bytes`, unchanged.
+    pub fn bytes(topic: impl Into<String>, bytes: impl Into<Vec<u8>>) -> Self {
+        Self::with_payload(topic, Payload::Bytes(bytes.into()))
+    }
+
+    /// A tombstone for `key`.
+    pub fn tombstone(topic: impl Into<String>, key: impl Into<String>) -> Self {
+        Self::with_payload(topic, Payload::Tombstone).key(key)
+    }
+
+    fn with_payload(topic: impl Into<String>, payload: Payload) -> Self {
+        Message { topic: topic.into(), key: None, payload, headers: BTreeMap::new(), message_id: None }
+    }
+
+    /// Sets the Kafka key; messages with the same topic and key keep their order.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Adds a header (string value). `message-id` is reserved for Kurier.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Uses a chosen message ID instead of a random one (e.g. to make a retried
+    /// business operation produce the same ID).
+    pub fn message_id(mut self, id: Uuid) -> Self {
+        self.message_id = Some(id);
+        self
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Checks what the relay would otherwise dead-letter, so that a service
+    /// learns about a bad message in its own transaction.
+    pub fn validate(&self) -> Result<(), Error> {
+        validate_topic(&self.topic)?;
+        if self.headers.contains_key(crate::publisher::MESSAGE_ID_HEADER) {
+            return Err(Error::InvalidMessage("header `message-id` is reserved: Kurier sets it from the row's message_id; use Message::message_id".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Inserts `msg` into `kurier.outbox` through any executor: a pool, a
+/// connection, or (the point of the pattern) the caller's open transaction.
+/// Returns the message ID that the Kafka record will carry as `message-id`.
+pub async fn enqueue<'e, E: PgExecutor<'e>>(executor: E, msg: &Message) -> Result<Uuid, Error> {
+    msg.validate()?;
+    let (json, bytes) = match &msg.payload {
+        Payload::Json(v) => (Some(v), None),
+        Payload::Bytes(b) => (None, Some(b.as_slice())),
+        Payload::Tombstone => (None, None),
+    };
+    let headers = serde_json::to_value(&msg.headers).expect("string map serialises");
+    let id = sqlx::query_scalar(ENQUEUE)
+        .bind(msg.message_id)
+        .bind(&msg.topic)
+        .bind(&msg.key)
+        .bind(json)
+        .bind(bytes)
+        .bind(headers)
+        .fetch_one(executor)
+        .await?;
+    Ok(id)
+}
+
+const ENQUEUE: &str = "INSERT INTO kurier.outbox (message_id, topic, key, payload, payload_bytes, headers) \
+     VALUES (COALESCE($1, gen_random_uuid()), $2, $3, $4, $5, $6) RETURNING message_id";
+
+/// Kafka's own rule for topic names.
+pub fn validate_topic(topic: &str) -> Result<(), Error> {
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if topic.is_empty() || topic.len() > 249 || topic == "." || topic == ".." || !topic.chars().all(legal) {
+        return Err(Error::InvalidMessage(format!(
+            "illegal topic name `{}`: Kafka topic names are 1-249 characters of [a-zA-Z0-9._-] and not `.` or `..`",
+            topic.escape_debug()
+        )));
+    }
+    Ok(())
+}
+
+// ---- the relay's side --------------------------------------------------------
+
+/// A claimed outbox row, as the publisher needs it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub message_id: Uuid,
+    pub topic: String,
+    pub key: Option<String>,
+    /// `payload::text` for JSON rows.
+    pub payload_text: Option<String>,
+    pub payload_bytes: Option<Vec<u8>>,
+    pub headers: String,
+    pub attempts: i32,
+}
+
+impl OutboxRow {
+    /// The record value: JSON text, raw bytes, or `None` for a tombstone.
+    pub fn value(&self) -> Option<&[u8]> {
+        self.payload_text.as_deref().map(str::as_bytes).or(self.payload_bytes.as_deref())
+    }
+}
+
+/// Oldest rows first. A row waiting for a retry holds back the later rows of
+/// its topic and key (probing the small partial index `outbox_retrying`), so
+/// a retry never lets a key's later message overtake an earlier one.
+const CLAIM: &str = "SELECT o.id, o.message_id, o.topic, o.key, o.payload::text AS payload_text, o.payload_bytes, \
+            o.headers::text AS headers, o.attempts \
+     FROM kurier.outbox o \
+     WHERE (o.retry_at IS NULL OR o.retry_at <= now()) \
+       AND NOT EXISTS (SELECT 1 FROM kurier.outbox r \
+                       WHERE r.retry_at > now() AND r.topic = o.topic \
+                         AND r.key IS NOT DISTINCT FROM o.key AND r.id < o.id) \
+     ORDER BY o.id LIMIT $1";
+
+/// Reads the next batch. Runs on the lease connection, so only the active relay claims.
+pub async fn claim(conn: &mut PgConnection, limit: u32) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    sqlx::query_as(CLAIM).bind(i64::from(limit)).fetch_all(conn).await
+}
+
+/// Removes rows whose delivery report said "acknowledged".
+pub async fn delete_published(conn: &mut PgConnection, ids: &[i64]) -> Result<u64, sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let done = sqlx::query("DELETE FROM kurier.outbox WHERE id = ANY($1)").bind(ids).execute(conn).await?;
+    Ok(done.rows_affected())
+}
+
+/// Records a failed attempt and when to try again.
+pub async fn schedule_retry(conn: &mut PgConnection, id: i64, error: &str, delay: Duration) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE kurier.outbox SET attempts = attempts + 1, last_error = $2, \
+         retry_at = now() + make_interval(secs => $3) WHERE id = $1",
+    )
+    .bind(id)
+    .bind(error)
+    .bind(delay.as_secs_f64())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Moves a row that cannot be published to `kurier.dead_letters`, in one statement.
+pub async fn dead_letter(conn: &mut PgConnection, id: i64, error: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH gone AS (DELETE FROM kurier.outbox WHERE id = $1 RETURNING *) \
+         INSERT INTO kurier.dead_letters \
+           (id, message_id, topic, key, payload, payload_bytes, headers, created_at, attempts, error) \
+         SELECT id, message_id, topic, key, payload, payload_bytes, headers, created_at, attempts + 1, $2 FROM gone",
+    )
+    .bind(id)
+    .bind(error)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_rules_match_kafka() {
+        for ok in ["orders", "a.b_c-1", &"x".repeat(249)] {
+            assert!(validate_topic(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "has space", "ü", &"x".repeat(250), "a/b"] {
+            let err = validate_topic(bad).unwrap_err().to_string();
+            assert!(err.contains("illegal topic name"), "{err}");
+        }
+    }
+
+    #[test]
+    fn message_id_header_is_reserved() {
+        let m = Message::json("t", serde_json::json!({})).header("message-id", "x");
+        assert!(m.validate().unwrap_err().to_string().contains("reserved"));
+    }
+}

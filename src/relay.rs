@@ -1,0 +1,252 @@
+//! The relay loop: claim a batch of outbox rows, publish it, and finish each row
+//! by its delivery report (delete when acknowledged, retry or dead-letter when
+//! not).
+//!
+//! Invariants enforced here:
+//! - a row is deleted only after the broker acknowledged it (`acks=all`);
+//! - rows are sent in `id` order, a batch at a time, by the one lease holder,
+//!   and a key whose row failed sends nothing more from that batch;
+//! - shutdown interrupts waiting, never a claimed batch: a batch in flight is
+//!   given `shutdown_grace` to be acknowledged; unacknowledged rows stay in
+//!   the outbox for the next run (at least once).
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use futures::stream::{FuturesUnordered, StreamExt};
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
+use sqlx::postgres::PgListener;
+use sqlx::PgConnection;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{KafkaConfig, RelayConfig};
+use crate::error::{explain_setup, Error};
+use crate::health::Health;
+use crate::lease::{self, Lease};
+use crate::outbox::{self, OutboxRow};
+use crate::publisher::{classify, Failure, Publisher};
+
+/// The NOTIFY channel of the optional trigger (`migrations/0001_outbox.sql`).
+pub const CHANNEL: &str = "kurier_outbox";
+
+/// What became of one claimed row.
+#[derive(Debug, Clone, PartialEq)]
+enum Outcome {
+    /// Not sent or no report yet (held back behind its key, or shutdown): stays as is.
+    Unknown,
+    Delivered,
+    Failed(Failure),
+}
+
+pub struct Relay {
+    database_url: String,
+    kafka: KafkaConfig,
+    cfg: RelayConfig,
+    grace: Duration,
+    health: Health,
+}
+
+impl Relay {
+    pub fn new(database_url: String, kafka: KafkaConfig, cfg: RelayConfig, grace: Duration, health: Health) -> Self {
+        Relay { database_url, kafka, cfg, grace, health }
+    }
+
+    /// Runs until `cancel` fires (then `Ok`) or an error that cannot heal.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), Error> {
+        let mut publisher = Publisher::new(&self.kafka)?;
+        let mut reconnect = self.backoff();
+        while let Some(mut lease) = lease::acquire(&self.database_url, self.cfg.standby_interval, &self.health, &cancel).await? {
+            match self.serve(&mut lease, &mut publisher, &cancel).await {
+                Ok(()) => break,
+                Err(e) if e.is_retryable() => {
+                    self.health.set_database(false);
+                    let delay = reconnect.next().unwrap_or(self.cfg.retry_max);
+                    tracing::warn!(error = %crate::redact::scrub(&e.to_string(), &self.database_url), retry_in = ?delay, "relay lost its lease connection");
+                    sleep_unless_cancelled(delay, &cancel).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        publisher.flush(Duration::from_secs(1));
+        tracing::info!("relay stopped");
+        Ok(())
+    }
+
+    async fn serve(&self, lease: &mut Lease, publisher: &mut Publisher, cancel: &CancellationToken) -> Result<(), Error> {
+        let mut listener = self.listen().await;
+        let mut pause = self.backoff();
+        while !cancel.is_cancelled() {
+            let rows = outbox::claim(&mut lease.conn, self.cfg.batch_size).await.map_err(explain_setup)?;
+            if rows.is_empty() {
+                self.health.progress();
+                self.idle(&mut listener, cancel).await;
+                continue;
+            }
+            let started = Instant::now();
+            let outcomes = self.publish(publisher, &rows, cancel).await;
+            metrics::histogram!("kurier_relay_batch_publish_seconds").record(started.elapsed().as_secs_f64());
+            metrics::histogram!("kurier_relay_batch_size").record(rows.len() as f64);
+            let transient = self.finish(&mut lease.conn, &rows, &outcomes).await?;
+            if let Some(fatal) = publisher.fatal_error() {
+                tracing::error!(error = %fatal, "producer hit a fatal error; building a new one");
+                *publisher = Publisher::new(&self.kafka)?;
+            }
+            if transient == 0 {
+                pause = self.backoff();
+                self.health.progress();
+            } else {
+                let delay = pause.next().unwrap_or(self.cfg.retry_max);
+                tracing::warn!(rows = transient, retry_in = ?delay, "broker did not acknowledge; retrying the batch");
+                sleep_unless_cancelled(delay, cancel).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends rows in id order and collects their delivery reports.
+    async fn publish(&self, publisher: &Publisher, rows: &[OutboxRow], cancel: &CancellationToken) -> Vec<Outcome> {
+        let mut outcomes = vec![Outcome::Unknown; rows.len()];
+        let mut pending = FuturesUnordered::new();
+        // A key whose row failed to send sends nothing more from this batch,
+        // so its later rows cannot overtake the failed one.
+        let mut blocked: HashSet<(&str, Option<&str>)> = HashSet::new();
+        for (i, row) in rows.iter().enumerate() {
+            let key = (row.topic.as_str(), row.key.as_deref());
+            if blocked.contains(&key) {
+                continue;
+            }
+            match publisher.send(row) {
+                Ok(report) => pending.push(async move { (i, report.await) }),
+                Err(Failure::Transient(why)) => {
+                    // Queue full or broker gone: keep the rest for the next round, in order.
+                    outcomes[i] = Outcome::Failed(Failure::Transient(why));
+                    break;
+                }
+                Err(failure) => {
+                    blocked.insert(key);
+                    outcomes[i] = Outcome::Failed(failure);
+                }
+            }
+        }
+        let grace = async {
+            cancel.cancelled().await;
+            tokio::time::sleep(self.grace).await;
+        };
+        tokio::pin!(grace);
+        loop {
+            tokio::select! {
+                next = pending.next() => match next {
+                    Some((i, report)) => outcomes[i] = delivery_outcome(report),
+                    None => break,
+                },
+                _ = &mut grace => {
+                    tracing::warn!(unacknowledged = pending.len(), "shutdown grace elapsed; unacknowledged rows stay in the outbox");
+                    break;
+                }
+            }
+        }
+        outcomes
+    }
+
+    /// Deletes delivered rows, schedules retries, dead-letters what cannot be
+    /// published. Returns how many rows failed transiently.
+    async fn finish(&self, conn: &mut PgConnection, rows: &[OutboxRow], outcomes: &[Outcome]) -> Result<usize, Error> {
+        let delivered: Vec<i64> = rows.iter().zip(outcomes).filter(|(_, o)| **o == Outcome::Delivered).map(|(r, _)| r.id).collect();
+        outbox::delete_published(conn, &delivered).await?;
+        count_per_topic("kurier_outbox_published_total", rows.iter().zip(outcomes).filter(|(_, o)| **o == Outcome::Delivered).map(|(r, _)| r));
+        let mut transient = 0;
+        for (row, outcome) in rows.iter().zip(outcomes) {
+            let Outcome::Failed(failure) = outcome else { continue };
+            metrics::counter!("kurier_outbox_failed_total", "topic" => row.topic.clone()).increment(1);
+            match failure {
+                Failure::Transient(_) => transient += 1,
+                Failure::Row(why) if (row.attempts as u32) + 1 < self.cfg.max_attempts => {
+                    let delay = self.row_backoff(row.attempts);
+                    tracing::warn!(id = row.id, message_id = %row.message_id, attempts = row.attempts + 1, retry_in = ?delay, error = %why, "row failed; will retry");
+                    outbox::schedule_retry(conn, row.id, why, delay).await?;
+                }
+                Failure::Row(why) | Failure::Permanent(why) => {
+                    tracing::error!(id = row.id, message_id = %row.message_id, topic = %row.topic, error = %why, "row cannot be published; moved to kurier.dead_letters");
+                    outbox::dead_letter(conn, row.id, why).await?;
+                    metrics::counter!("kurier_outbox_dead_lettered_total", "topic" => row.topic.clone()).increment(1);
+                }
+            }
+        }
+        Ok(transient)
+    }
+
+    async fn listen(&self) -> Option<PgListener> {
+        let result = async {
+            let mut l = PgListener::connect(&self.database_url).await?;
+            l.listen(CHANNEL).await?;
+            Ok::<_, sqlx::Error>(l)
+        }
+        .await;
+        match result {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot LISTEN for wake-ups; polling only");
+                None
+            }
+        }
+    }
+
+    /// Waits for a notification, the poll interval, or shutdown, whichever is first.
+    async fn idle(&self, listener: &mut Option<PgListener>, cancel: &CancellationToken) {
+        let notified = async {
+            match listener {
+                Some(l) => {
+                    if let Err(e) = l.recv().await {
+                        tracing::debug!(error = %e, "LISTEN connection interrupted; it reconnects on next use");
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = notified => {}
+            _ = tokio::time::sleep(self.cfg.poll_interval) => {}
+        }
+    }
+
+    fn backoff(&self) -> ExponentialBackoff {
+        ExponentialBuilder::default()
+            .with_min_delay(self.cfg.retry_min)
+            .with_max_delay(self.cfg.retry_max)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    /// The delay before a row's next attempt, after `attempts` failed ones.
+    fn row_backoff(&self, attempts: i32) -> Duration {
+        self.backoff().nth(attempts.max(0) as usize).unwrap_or(self.cfg.retry_max)
+    }
+}
+
+fn delivery_outcome(report: Result<OwnedDeliveryResult, futures::channel::oneshot::Canceled>) -> Outcome {
+    match report {
+        Ok(Ok(_)) => Outcome::Delivered,
+        Ok(Err((e, _))) => Outcome::Failed(classify(&e)),
+        Err(_) => Outcome::Failed(Failure::Transient("producer dropped before the delivery report".into())),
+    }
+}
+
+fn count_per_topic<'a>(name: &'static str, rows: impl Iterator<Item = &'a OutboxRow>) {
+    let mut per_topic: HashMap<&str, u64> = HashMap::new();
+    for r in rows {
+        *per_topic.entry(&r.topic).or_default() += 1;
+    }
+    for (topic, n) in per_topic {
+        metrics::counter!(name, "topic" => topic.to_owned()).increment(n);
+    }
+}
+
+async fn sleep_unless_cancelled(delay: Duration, cancel: &CancellationToken) {
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = tokio::time::sleep(delay) => {}
+    }
+}

@@ -1,0 +1,125 @@
+//! The broker becomes unreachable mid-stream and comes back.
+//!
+//! The test starts its own Tansu (`TANSU_BIN`) behind a TCP proxy that it can
+//! cut: every connection is dropped and new ones are refused for several
+//! seconds, as when a broker process stops, then it listens again. A real
+//! Tansu restart cannot be used to check for loss, because the test broker
+//! keeps topics in memory (its `memory://` storage) and a restart empties it.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+struct Broker(Child);
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Tansu listening on `port`, telling clients to connect to `advertised`.
+async fn start_tansu(port: u16, advertised: u16) -> Broker {
+    let bin = required_env("TANSU_BIN", "the Tansu broker binary (scripts/ensure-tansu.sh prints its path)");
+    let child = Command::new(bin)
+        .args(["broker", "--listener-url", &format!("tcp://127.0.0.1:{port}")])
+        .args(["--advertised-listener-url", &format!("tcp://127.0.0.1:{advertised}")])
+        .args(["--storage-engine", "memory://tansu/"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tansu");
+    for _ in 0..100 {
+        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return Broker(child);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("tansu did not listen on {port}");
+}
+
+/// A TCP proxy that can be switched off (all connections cut, port closed) and on.
+struct Proxy {
+    port: u16,
+    upstream: SocketAddr,
+    up: Mutex<Option<CancellationToken>>,
+}
+
+impl Proxy {
+    fn up(self: &Arc<Self>) {
+        let token = CancellationToken::new();
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket.bind(([127, 0, 0, 1], self.port).into()).expect("proxy bind");
+        let listener = socket.listen(128).unwrap();
+        let (upstream, t) = (self.upstream, token.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut client, _) = tokio::select! {
+                    _ = t.cancelled() => return,
+                    a = listener.accept() => a.unwrap(),
+                };
+                let t = t.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(upstream).await else { return };
+                    tokio::select! {
+                        _ = t.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    }
+                });
+            }
+        });
+        *self.up.lock().unwrap() = Some(token);
+    }
+
+    fn down(&self) {
+        if let Some(t) = self.up.lock().unwrap().take() {
+            t.cancel();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_unreachable_then_back_loses_nothing() {
+    let (tansu_port, proxy_port) = (free_port(), free_port());
+    let _broker = start_tansu(tansu_port, proxy_port).await;
+    let proxy = Arc::new(Proxy { port: proxy_port, upstream: ([127, 0, 0, 1], tansu_port).into(), up: Mutex::new(None) });
+    proxy.up();
+    let brokers = format!("127.0.0.1:{proxy_port}");
+    let (db, topic) = (fresh_db().await, unique("outage"));
+    create_topic(&brokers, &topic, 3).await;
+    let cfg = config(&db.url, &brokers, "[relay]\nbatch_size = 100\nretry_max_ms = 1000\n[kafka.properties]\n\"reconnect.backoff.max.ms\" = 500\n");
+    let relay = start_in_process(cfg).await;
+
+    let stop = CancellationToken::new();
+    let writers = {
+        let (pool, topic, stop) = (db.pool.clone(), topic.clone(), stop.clone());
+        tokio::spawn(async move { write_concurrently(&pool, &topic, 2, 1_000_000, 4, 0.10, stop).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.down();
+    let before = outbox_count(&db.pool).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let during = outbox_count(&db.pool).await;
+    assert!(during > before, "rows keep arriving while the broker is away ({before} -> {during})");
+    proxy.up();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    let committed = writers.await.unwrap();
+    wait_drained(&db.pool, Duration::from_secs(90)).await;
+    let recs = read_ids(&brokers, &topic, &committed.ids, Duration::from_secs(120));
+    assert_delivered_exactly(&recs, &committed);
+    relay.stop().await;
+}

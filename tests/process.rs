@@ -1,0 +1,114 @@
+//! The `kurier` binary as a process: SIGKILL at random instants, SIGTERM, bad config.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_batch_and_restart_loses_nothing() {
+    let (db, brokers, topic) = (fresh_db().await, brokers(), unique("sigkill"));
+    create_topic(&brokers, &topic, 3).await;
+    // Small batches and a slow linger keep a batch in flight most of the time.
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("KAFKA_BROKERS", brokers.as_str()),
+        ("KURIER_RELAY_BATCH_SIZE", "50"),
+        ("KURIER_KAFKA_PROPERTIES", "linger.ms=20"),
+        // A restarted relay takes over as soon as PostgreSQL has noticed the killed one's lease connection close.
+        ("KURIER_RELAY_STANDBY_INTERVAL_MS", "50"),
+    ];
+    let stop = CancellationToken::new();
+    let writers = {
+        let (pool, topic, stop) = (db.pool.clone(), topic.clone(), stop.clone());
+        tokio::spawn(async move { write_concurrently(&pool, &topic, 4, 100_000, 4, 0.10, stop).await })
+    };
+    let started = Instant::now();
+    let mut kills = 0;
+    while started.elapsed() < Duration::from_secs(8) {
+        let mut child = spawn_binary(&["run"], &env);
+        let lifetime = rand::rng().random_range(300..1200);
+        tokio::time::sleep(Duration::from_millis(lifetime)).await;
+        child.kill().expect("SIGKILL");
+        child.wait().unwrap();
+        kills += 1;
+    }
+    stop.cancel();
+    let committed = writers.await.unwrap();
+    let left_after_kills = outbox_count(&db.pool).await;
+    let published_while_killed = committed.ids.len() as i64 - left_after_kills;
+    assert!(published_while_killed > 1000, "the killed relays must have been publishing: only {published_while_killed} rows left the outbox");
+    assert!(committed.ids.len() > 500, "writers committed too little to mean anything: {}", committed.ids.len());
+
+    // A last run drains the rest, then stops gracefully on SIGTERM with exit 0.
+    let mut child = spawn_binary(&["run"], &env);
+    wait_drained(&db.pool, Duration::from_secs(60)).await;
+    signal(&child, "TERM");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM must exit 0, got {status}");
+
+    let recs = read_ids(&brokers, &topic, &committed.ids, Duration::from_secs(120));
+    eprintln!("{kills} SIGKILLs during writes; {published_while_killed} rows published before the final run");
+    assert_delivered_exactly(&recs, &committed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_in_flight_batch_and_exits_zero() {
+    let (db, brokers, topic) = (fresh_db().await, brokers(), unique("sigterm"));
+    create_topic(&brokers, &topic, 1).await;
+    let committed = write_concurrently(&db.pool, &topic, 2, 2000, 2, 0.0, CancellationToken::new()).await;
+    let env = [("DATABASE_URL", db.url.as_str()), ("KAFKA_BROKERS", brokers.as_str()), ("KURIER_RELAY_BATCH_SIZE", "500")];
+    let mut child = spawn_binary(&["run"], &env);
+    // Stop as soon as the first batch is finished, while later ones are in flight.
+    let total = outbox_count(&db.pool).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while outbox_count(&db.pool).await == total {
+        assert!(Instant::now() < deadline, "relay never finished a batch");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    signal(&child, "TERM");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM must exit 0, got {status}");
+    let left = outbox_count(&db.pool).await;
+    // Whatever was deleted was acknowledged: everything missing from the outbox is on the topic.
+    let published: std::collections::HashSet<String> =
+        sqlx::query_scalar::<_, uuid::Uuid>("SELECT message_id FROM kurier.outbox").fetch_all(&db.pool).await.unwrap().into_iter().map(|u| u.to_string()).collect();
+    let gone: std::collections::HashSet<String> = committed.ids.difference(&published).cloned().collect();
+    assert_eq!(gone.len() as i64, total - left);
+    let recs = read_ids(&brokers, &topic, &gone, Duration::from_secs(60));
+    assert!(recs.len() >= gone.len());
+    eprintln!("SIGTERM after first batch: {} of {total} rows published, {left} left for the next run", gone.len());
+}
+
+#[test]
+fn malformed_config_is_refused_naming_the_key() {
+    let dir = std::env::temp_dir().join(unique("kurier-config"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        ("[relay]\nbatch_sise = 10\n", &[], "batch_sise"),
+        ("[relay]\nbatch_size = \"many\"\n", &[], "batch_size"),
+        ("[database]\nurl = \"mysql://u:hunter2@h/db\"\n[kafka]\nbrokers = \"b:9092\"\n", &[], "database.url"),
+        ("[kafka.properties]\nacks = \"1\"\n", &[], "acks"),
+        ("", &[("KURIER_RELAY_POLL_INTERVAL_MS", "soon")], "KURIER_RELAY_POLL_INTERVAL_MS"),
+    ];
+    for (i, (toml, extra_env, key)) in cases.iter().enumerate() {
+        let path = dir.join(format!("bad{i}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kurier"));
+        cmd.arg("--config").arg(&path).arg("run").env("DATABASE_URL", "postgres://u@127.0.0.1:1/x").env("KAFKA_BROKERS", "127.0.0.1:1");
+        if i == 2 {
+            cmd.env_remove("DATABASE_URL");
+        }
+        for (k, v) in *extra_env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "case {i}: {stderr}");
+        assert!(stderr.contains(key), "case {i}: error must name `{key}`: {stderr}");
+        assert!(!stderr.contains("hunter2"), "password leaked: {stderr}");
+    }
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# `make run`: PostgreSQL, the Tansu broker, migrations, a demo producer and
+# consumer, and the daemon in the foreground. Ctrl-C stops it all.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+export DATABASE_URL=${DATABASE_URL:-$(scripts/database.sh kurier_dev)}
+port=${KAFKA_PORT:-9092}
+export KAFKA_BROKERS=${KAFKA_BROKERS:-127.0.0.1:$port}
+if [ "$KAFKA_BROKERS" = "127.0.0.1:$port" ]; then
+  scripts/broker.sh start "$port" .state/broker
+fi
+export KURIER_HTTP_ADDR=${KURIER_HTTP_ADDR:-127.0.0.1:9187}
+bin=target/release
+"$bin/kurier" migrate
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; }
+trap cleanup EXIT
+"$bin/examples/tail" kurier-demo &
+pids+=($!)
+"$bin/examples/produce" 2 kurier-demo &
+pids+=($!)
+echo "run: daemon starting; metrics at http://$KURIER_HTTP_ADDR/metrics; Ctrl-C to stop" >&2
+"$bin/kurier" run

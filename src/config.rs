@@ -431,4 +431,15 @@ mod tests {
         let err = Config::from_toml("", &env(&[("KAFKA_BROKERS", "b")]), &Overrides::default()).unwrap_err().to_string();
         assert!(err.contains("DATABASE_URL"), "{err}");
     }
+
+    #[test]
+    fn example_file_parses_and_documents_every_variable() {
+        let example = include_str!("../config.example.toml");
+        let c = Config::from_toml(example, &BTreeMap::new(), &Overrides::default()).unwrap();
+        assert_eq!(c.relay.batch_size, 1000);
+        let source = include_str!("config.rs");
+        for name in source.split('"').filter(|s| s.starts_with("KURIER_") && s.chars().all(|c| c.is_ascii_uppercase() || c == '_')) {
+            assert!(example.contains(name), "{name} is read but not documented in config.example.toml");
+        }
+    }
 }

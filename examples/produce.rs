@@ -22,12 +22,18 @@ async fn main() -> anyhow::Result<()> {
         tick.tick().await;
         let customer = format!("customer-{}", n % 5);
         let mut tx = pool.begin().await?;
-        let order: i64 = sqlx::query_scalar("INSERT INTO demo_orders (customer, total_cents) VALUES ($1, $2) RETURNING id")
-            .bind(&customer)
-            .bind((n % 97) as i32 * 100)
-            .fetch_one(&mut *tx)
-            .await?;
-        let event = Message::json(&topic, serde_json::json!({"type": "OrderPlaced", "order": order, "customer": customer})).key(&customer);
+        let order: i64 = sqlx::query_scalar(
+            "INSERT INTO demo_orders (customer, total_cents) VALUES ($1, $2) RETURNING id",
+        )
+        .bind(&customer)
+        .bind((n % 97) as i32 * 100)
+        .fetch_one(&mut *tx)
+        .await?;
+        let event = Message::json(
+            &topic,
+            serde_json::json!({"type": "OrderPlaced", "order": order, "customer": customer}),
+        )
+        .key(&customer);
         let id = kurier::enqueue(&mut *tx, &event).await?;
         tx.commit().await?;
         println!("committed order {order} for {customer}, message-id {id}");

@@ -9,8 +9,11 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::ClientConfig;
 
 fn main() -> anyhow::Result<()> {
-    let brokers = std::env::var("KAFKA_BROKERS").map_err(|_| anyhow::anyhow!("set KAFKA_BROKERS"))?;
-    let topic = std::env::args().nth(1).unwrap_or_else(|| "kurier-demo".into());
+    let brokers =
+        std::env::var("KAFKA_BROKERS").map_err(|_| anyhow::anyhow!("set KAFKA_BROKERS"))?;
+    let topic = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "kurier-demo".into());
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .set("group.id", "kurier-demo-tail")
@@ -24,7 +27,17 @@ fn main() -> anyhow::Result<()> {
             Some(Ok(m)) => {
                 let headers: Vec<String> = m
                     .headers()
-                    .map(|h| h.iter().map(|h| format!("{}={}", h.key, String::from_utf8_lossy(h.value.unwrap_or_default()))).collect())
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                format!(
+                                    "{}={}",
+                                    h.key,
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                )
+                            })
+                            .collect()
+                    })
                     .unwrap_or_default();
                 println!(
                     "received {}[{}]@{} key={} value={} headers=[{}]",
@@ -32,7 +45,9 @@ fn main() -> anyhow::Result<()> {
                     m.partition(),
                     m.offset(),
                     String::from_utf8_lossy(m.key().unwrap_or_default()),
-                    m.payload().map(String::from_utf8_lossy).unwrap_or("<tombstone>".into()),
+                    m.payload()
+                        .map(String::from_utf8_lossy)
+                        .unwrap_or("<tombstone>".into()),
                     headers.join(", ")
                 );
             }

@@ -7,14 +7,19 @@ cd "$root"
 export DATABASE_URL=${DATABASE_URL:-$(scripts/database.sh kurier_dev)}
 port=${KAFKA_PORT:-9092}
 export KAFKA_BROKERS=${KAFKA_BROKERS:-127.0.0.1:$port}
+own_broker=""
 if [ "$KAFKA_BROKERS" = "127.0.0.1:$port" ]; then
   scripts/broker.sh start "$port" .state/broker
+  own_broker=1
 fi
 export KURIER_HTTP_ADDR=${KURIER_HTTP_ADDR:-127.0.0.1:9187}
 bin=target/release
 "$bin/kurier" migrate
 pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; }
+cleanup() {
+  kill "${pids[@]}" 2>/dev/null || true
+  [ -z "$own_broker" ] || scripts/broker.sh stop .state/broker
+}
 trap cleanup EXIT
 "$bin/examples/tail" kurier-demo &
 pids+=($!)

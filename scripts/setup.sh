@@ -3,12 +3,9 @@
 # cmake and C headers for rdkafka's bundled librdkafka, and the cached Tansu broker.
 set -euo pipefail
 need=()
-command -v cmake >/dev/null 2>&1 || need+=(cmake)
-command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
-for h in /usr/include/curl/curl.h:libcurl4-openssl-dev /usr/include/openssl/ssl.h:libssl-dev /usr/include/zlib.h:zlib1g-dev; do
-  [ -e "${h%%:*}" ] || need+=("${h##*:}")
+for pkg in cmake pkg-config libcurl4-openssl-dev libssl-dev zlib1g-dev postgresql-client python3-venv; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
-command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo

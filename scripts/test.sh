@@ -19,5 +19,5 @@ fi
 psql -qAt "$DATABASE_URL" -c "SELECT datname FROM pg_database WHERE datname LIKE 'kurier\_test\_%'" |
   while read -r db; do psql -q "$DATABASE_URL" -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)"; done
 cargo build --release --bins --examples
-cargo test --release --all-targets
+cargo test --release
 scripts/e2e.sh

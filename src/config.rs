@@ -15,18 +15,29 @@ use crate::redact::redact_url;
 pub enum ConfigError {
     /// The file could not be read.
     #[error("cannot read config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     /// The file is not valid TOML for Kurier (unknown key, wrong type, ...).
     #[error("config file {path}: {message}")]
     Parse { path: String, message: String },
     /// A key is missing or has a value Kurier cannot use.
     #[error("config key `{key}`: {problem}; fix: {fix}")]
-    Invalid { key: String, problem: String, fix: String },
+    Invalid {
+        key: String,
+        problem: String,
+        fix: String,
+    },
 }
 
 impl ConfigError {
     fn invalid(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> Self {
-        ConfigError::Invalid { key: key.to_owned(), problem: problem.into(), fix: fix.into() }
+        ConfigError::Invalid {
+            key: key.to_owned(),
+            problem: problem.into(),
+            fix: fix.into(),
+        }
     }
 }
 
@@ -180,7 +191,11 @@ pub struct Overrides {
 
 impl Config {
     /// Loads `path` (if any), applies the environment and the overrides, validates.
-    pub fn load(path: Option<&Path>, env: &dyn Env, overrides: &Overrides) -> Result<Config, ConfigError> {
+    pub fn load(
+        path: Option<&Path>,
+        env: &dyn Env,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
         let raw = match path {
             Some(p) => read_file(p)?,
             None => RawConfig::default(),
@@ -189,7 +204,11 @@ impl Config {
     }
 
     /// Parses TOML text (as a file would hold), then environment and overrides.
-    pub fn from_toml(text: &str, env: &dyn Env, overrides: &Overrides) -> Result<Config, ConfigError> {
+    pub fn from_toml(
+        text: &str,
+        env: &dyn Env,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
         let raw = parse(text, "<inline>")?;
         resolve(raw, env, overrides)
     }
@@ -197,14 +216,20 @@ impl Config {
 
 fn read_file(path: &Path) -> Result<RawConfig, ConfigError> {
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: shown.clone(),
+        source,
+    })?;
     parse(&text, &shown)
 }
 
 fn parse(text: &str, path: &str) -> Result<RawConfig, ConfigError> {
     toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_owned(),
-        message: format!("{}; see config.example.toml for every key", e.to_string().trim_end()),
+        message: format!(
+            "{}; see config.example.toml for every key",
+            e.to_string().trim_end()
+        ),
     })
 }
 
@@ -212,14 +237,30 @@ fn resolve(raw: RawConfig, env: &dyn Env, overrides: &Overrides) -> Result<Confi
     let database_url = env
         .get("DATABASE_URL")
         .or(raw.database.url)
-        .ok_or_else(|| ConfigError::invalid("database.url", "not set", "set DATABASE_URL or database.url, e.g. postgres://user@127.0.0.1:5432/app"))?;
+        .ok_or_else(|| {
+            ConfigError::invalid(
+                "database.url",
+                "not set",
+                "set DATABASE_URL or database.url, e.g. postgres://user@127.0.0.1:5432/app",
+            )
+        })?;
     check_database_url(&database_url)?;
     let brokers = env
         .get("KAFKA_BROKERS")
         .or(raw.kafka.brokers)
-        .ok_or_else(|| ConfigError::invalid("kafka.brokers", "not set", "set KAFKA_BROKERS or kafka.brokers, e.g. 127.0.0.1:9092"))?;
+        .ok_or_else(|| {
+            ConfigError::invalid(
+                "kafka.brokers",
+                "not set",
+                "set KAFKA_BROKERS or kafka.brokers, e.g. 127.0.0.1:9092",
+            )
+        })?;
     let properties = kafka_properties(raw.kafka.properties, env)?;
-    let http_addr = overrides.http_addr.clone().or_else(|| env.get("KURIER_HTTP_ADDR")).or(raw.http.addr);
+    let http_addr = overrides
+        .http_addr
+        .clone()
+        .or_else(|| env.get("KURIER_HTTP_ADDR"))
+        .or(raw.http.addr);
     let log_format = match env.get("KURIER_LOG_FORMAT") {
         Some(v) => parse_log_format(&v)?,
         None => raw.log.format.unwrap_or(LogFormat::Text),
@@ -227,15 +268,24 @@ fn resolve(raw: RawConfig, env: &dyn Env, overrides: &Overrides) -> Result<Confi
     let relay = resolve_relay(raw.relay, env)?;
     Ok(Config {
         database_url,
-        database_max_connections: env_num(env, "KURIER_DATABASE_MAX_CONNECTIONS", "database.max_connections")?
-            .or(raw.database.max_connections)
-            .unwrap_or(4),
-        kafka: KafkaConfig { brokers, properties },
+        database_max_connections: env_num(
+            env,
+            "KURIER_DATABASE_MAX_CONNECTIONS",
+            "database.max_connections",
+        )?
+        .or(raw.database.max_connections)
+        .unwrap_or(4),
+        kafka: KafkaConfig {
+            brokers,
+            properties,
+        },
         relay,
         http_addr: http_addr.map(|a| parse_addr(&a)).transpose()?,
         log_format,
         shutdown_grace: Duration::from_millis(
-            env_num(env, "KURIER_SHUTDOWN_GRACE_MS", "shutdown_grace_ms")?.or(raw.shutdown_grace_ms).unwrap_or(10_000),
+            env_num(env, "KURIER_SHUTDOWN_GRACE_MS", "shutdown_grace_ms")?
+                .or(raw.shutdown_grace_ms)
+                .unwrap_or(10_000),
         ),
     })
 }
@@ -245,41 +295,99 @@ fn resolve_relay(raw: RawRelay, env: &dyn Env) -> Result<RelayConfig, ConfigErro
         Some(v) => parse_bool("relay.enabled (KURIER_RELAY_ENABLED)", &v)?,
         None => raw.enabled.unwrap_or(true),
     };
-    let ms = |name: &str, key: &str, file: Option<u64>, default: u64| -> Result<Duration, ConfigError> {
-        Ok(Duration::from_millis(env_num(env, name, key)?.or(file).unwrap_or(default)))
-    };
+    let ms =
+        |name: &str, key: &str, file: Option<u64>, default: u64| -> Result<Duration, ConfigError> {
+            Ok(Duration::from_millis(
+                env_num(env, name, key)?.or(file).unwrap_or(default),
+            ))
+        };
     let relay = RelayConfig {
         enabled,
-        batch_size: env_num(env, "KURIER_RELAY_BATCH_SIZE", "relay.batch_size")?.or(raw.batch_size).unwrap_or(1000),
-        poll_interval: ms("KURIER_RELAY_POLL_INTERVAL_MS", "relay.poll_interval_ms", raw.poll_interval_ms, 100)?,
-        max_attempts: env_num(env, "KURIER_RELAY_MAX_ATTEMPTS", "relay.max_attempts")?.or(raw.max_attempts).unwrap_or(10),
-        retry_min: ms("KURIER_RELAY_RETRY_MIN_MS", "relay.retry_min_ms", raw.retry_min_ms, 100)?,
-        retry_max: ms("KURIER_RELAY_RETRY_MAX_MS", "relay.retry_max_ms", raw.retry_max_ms, 30_000)?,
-        standby_interval: ms("KURIER_RELAY_STANDBY_INTERVAL_MS", "relay.standby_interval_ms", raw.standby_interval_ms, 1000)?,
+        batch_size: env_num(env, "KURIER_RELAY_BATCH_SIZE", "relay.batch_size")?
+            .or(raw.batch_size)
+            .unwrap_or(1000),
+        poll_interval: ms(
+            "KURIER_RELAY_POLL_INTERVAL_MS",
+            "relay.poll_interval_ms",
+            raw.poll_interval_ms,
+            100,
+        )?,
+        max_attempts: env_num(env, "KURIER_RELAY_MAX_ATTEMPTS", "relay.max_attempts")?
+            .or(raw.max_attempts)
+            .unwrap_or(10),
+        retry_min: ms(
+            "KURIER_RELAY_RETRY_MIN_MS",
+            "relay.retry_min_ms",
+            raw.retry_min_ms,
+            100,
+        )?,
+        retry_max: ms(
+            "KURIER_RELAY_RETRY_MAX_MS",
+            "relay.retry_max_ms",
+            raw.retry_max_ms,
+            30_000,
+        )?,
+        standby_interval: ms(
+            "KURIER_RELAY_STANDBY_INTERVAL_MS",
+            "relay.standby_interval_ms",
+            raw.standby_interval_ms,
+            1000,
+        )?,
     };
     if relay.batch_size == 0 || relay.batch_size > 50_000 {
-        return Err(ConfigError::invalid("relay.batch_size", format!("{} is out of range", relay.batch_size), "use a value from 1 to 50000 (default 1000)"));
+        return Err(ConfigError::invalid(
+            "relay.batch_size",
+            format!("{} is out of range", relay.batch_size),
+            "use a value from 1 to 50000 (default 1000)",
+        ));
     }
     if relay.poll_interval.is_zero() {
-        return Err(ConfigError::invalid("relay.poll_interval_ms", "0 would poll in a busy loop", "use at least 1 (default 100)"));
+        return Err(ConfigError::invalid(
+            "relay.poll_interval_ms",
+            "0 would poll in a busy loop",
+            "use at least 1 (default 100)",
+        ));
     }
     if relay.max_attempts == 0 {
-        return Err(ConfigError::invalid("relay.max_attempts", "0 leaves no attempt", "use at least 1 (default 10)"));
+        return Err(ConfigError::invalid(
+            "relay.max_attempts",
+            "0 leaves no attempt",
+            "use at least 1 (default 10)",
+        ));
     }
     if relay.retry_min > relay.retry_max {
-        return Err(ConfigError::invalid("relay.retry_min_ms", "greater than relay.retry_max_ms", "make retry_min_ms <= retry_max_ms"));
+        return Err(ConfigError::invalid(
+            "relay.retry_min_ms",
+            "greater than relay.retry_max_ms",
+            "make retry_min_ms <= retry_max_ms",
+        ));
     }
     Ok(relay)
 }
 
 /// Keys Kurier sets itself because its guarantees depend on them.
 const FIXED_PROPERTIES: &[(&str, &[&str], &str)] = &[
-    ("enable.idempotence", &["true"], "without it producer retries reorder messages of one key"),
-    ("acks", &["all", "-1"], "anything less than acks=all can lose acknowledged messages"),
-    ("bootstrap.servers", &[], "set kafka.brokers (or KAFKA_BROKERS) instead"),
+    (
+        "enable.idempotence",
+        &["true"],
+        "without it producer retries reorder messages of one key",
+    ),
+    (
+        "acks",
+        &["all", "-1"],
+        "anything less than acks=all can lose acknowledged messages",
+    ),
+    (
+        "bootstrap.servers",
+        &[],
+        "set kafka.brokers (or KAFKA_BROKERS) instead",
+    ),
 ];
 
-fn kafka_properties(file: BTreeMap<String, toml::Value>, env: &dyn Env) -> Result<BTreeMap<String, String>, ConfigError> {
+fn kafka_properties(
+    file: BTreeMap<String, toml::Value>,
+    env: &dyn Env,
+) -> Result<BTreeMap<String, String>, ConfigError> {
     let mut out = BTreeMap::new();
     for (k, v) in file {
         let s = match v {
@@ -301,7 +409,11 @@ fn kafka_properties(file: BTreeMap<String, toml::Value>, env: &dyn Env) -> Resul
     if let Some(list) = env.get("KURIER_KAFKA_PROPERTIES") {
         for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let (k, v) = item.split_once('=').ok_or_else(|| {
-                ConfigError::invalid("KURIER_KAFKA_PROPERTIES", format!("`{item}` is not key=value"), "write comma-separated key=value pairs, e.g. linger.ms=5,compression.type=lz4")
+                ConfigError::invalid(
+                    "KURIER_KAFKA_PROPERTIES",
+                    format!("`{item}` is not key=value"),
+                    "write comma-separated key=value pairs, e.g. linger.ms=5,compression.type=lz4",
+                )
             })?;
             out.insert(k.trim().to_owned(), v.trim().to_owned());
         }
@@ -315,8 +427,16 @@ pub fn check_kafka_properties(props: &BTreeMap<String, String>) -> Result<(), Co
     for (key, allowed, why) in FIXED_PROPERTIES {
         if let Some(v) = props.get(*key) {
             if !allowed.iter().any(|a| a.eq_ignore_ascii_case(v.trim())) {
-                let fix = if allowed.is_empty() { why.to_string() } else { format!("remove it (Kurier sets {key}={}): {why}", allowed[0]) };
-                return Err(ConfigError::invalid(&format!("kafka.properties.\"{key}\""), format!("value `{v}` is not allowed"), fix));
+                let fix = if allowed.is_empty() {
+                    why.to_string()
+                } else {
+                    format!("remove it (Kurier sets {key}={}): {why}", allowed[0])
+                };
+                return Err(ConfigError::invalid(
+                    &format!("kafka.properties.\"{key}\""),
+                    format!("value `{v}` is not allowed"),
+                    fix,
+                ));
             }
         }
     }
@@ -324,7 +444,9 @@ pub fn check_kafka_properties(props: &BTreeMap<String, String>) -> Result<(), Co
 }
 
 fn check_database_url(url: &str) -> Result<(), ConfigError> {
-    let ok = url::Url::parse(url).map(|u| matches!(u.scheme(), "postgres" | "postgresql")).unwrap_or(false);
+    let ok = url::Url::parse(url)
+        .map(|u| matches!(u.scheme(), "postgres" | "postgresql"))
+        .unwrap_or(false);
     if ok {
         Ok(())
     } else {
@@ -337,14 +459,24 @@ fn check_database_url(url: &str) -> Result<(), ConfigError> {
 }
 
 fn parse_addr(v: &str) -> Result<SocketAddr, ConfigError> {
-    v.parse().map_err(|_| ConfigError::invalid("http.addr", format!("`{v}` is not a socket address"), "use HOST:PORT, e.g. 127.0.0.1:9187 (--http-addr / KURIER_HTTP_ADDR)"))
+    v.parse().map_err(|_| {
+        ConfigError::invalid(
+            "http.addr",
+            format!("`{v}` is not a socket address"),
+            "use HOST:PORT, e.g. 127.0.0.1:9187 (--http-addr / KURIER_HTTP_ADDR)",
+        )
+    })
 }
 
 fn parse_log_format(v: &str) -> Result<LogFormat, ConfigError> {
     match v.to_ascii_lowercase().as_str() {
         "text" => Ok(LogFormat::Text),
         "json" => Ok(LogFormat::Json),
-        _ => Err(ConfigError::invalid("log.format (KURIER_LOG_FORMAT)", format!("`{v}` is unknown"), "use text or json")),
+        _ => Err(ConfigError::invalid(
+            "log.format (KURIER_LOG_FORMAT)",
+            format!("`{v}` is unknown"),
+            "use text or json",
+        )),
     }
 }
 
@@ -352,19 +484,29 @@ fn parse_bool(key: &str, v: &str) -> Result<bool, ConfigError> {
     match v.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" => Ok(true),
         "false" | "0" | "no" => Ok(false),
-        _ => Err(ConfigError::invalid(key, format!("`{v}` is not a boolean"), "use true or false")),
+        _ => Err(ConfigError::invalid(
+            key,
+            format!("`{v}` is not a boolean"),
+            "use true or false",
+        )),
     }
 }
 
 /// A numeric environment variable; an unparsable value is an error, never a silent default.
-fn env_num<T: std::str::FromStr>(env: &dyn Env, name: &str, key: &str) -> Result<Option<T>, ConfigError> {
+fn env_num<T: std::str::FromStr>(
+    env: &dyn Env,
+    name: &str,
+    key: &str,
+) -> Result<Option<T>, ConfigError> {
     match env.get(name) {
         None => Ok(None),
-        Some(v) => v
-            .trim()
-            .parse()
-            .map(Some)
-            .map_err(|_| ConfigError::invalid(&format!("{key} ({name})"), format!("`{v}` is not a non-negative whole number"), "give a number like the default in config.example.toml")),
+        Some(v) => v.trim().parse().map(Some).map_err(|_| {
+            ConfigError::invalid(
+                &format!("{key} ({name})"),
+                format!("`{v}` is not a non-negative whole number"),
+                "give a number like the default in config.example.toml",
+            )
+        }),
     }
 }
 
@@ -373,10 +515,16 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
-    const BASE: &[(&str, &str)] = &[("DATABASE_URL", "postgres://u:secret@h/db"), ("KAFKA_BROKERS", "b:9092")];
+    const BASE: &[(&str, &str)] = &[
+        ("DATABASE_URL", "postgres://u:secret@h/db"),
+        ("KAFKA_BROKERS", "b:9092"),
+    ];
 
     #[test]
     fn environment_alone_is_enough() {
@@ -398,7 +546,12 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let err = Config::from_toml("[relay]\nbatch_sise = 5\n", &env(BASE), &Overrides::default()).unwrap_err();
+        let err = Config::from_toml(
+            "[relay]\nbatch_sise = 5\n",
+            &env(BASE),
+            &Overrides::default(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("batch_sise"), "{err}");
     }
 
@@ -406,29 +559,46 @@ mod tests {
     fn unparsable_env_is_an_error_naming_the_variable() {
         let mut e = env(BASE);
         e.insert("KURIER_RELAY_POLL_INTERVAL_MS".into(), "fast".into());
-        let err = Config::from_toml("", &e, &Overrides::default()).unwrap_err().to_string();
-        assert!(err.contains("KURIER_RELAY_POLL_INTERVAL_MS") && err.contains("fast"), "{err}");
+        let err = Config::from_toml("", &e, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("KURIER_RELAY_POLL_INTERVAL_MS") && err.contains("fast"),
+            "{err}"
+        );
     }
 
     #[test]
     fn idempotence_cannot_be_turned_off() {
         let toml = "[kafka.properties]\n\"enable.idempotence\" = false\n";
-        let err = Config::from_toml(toml, &env(BASE), &Overrides::default()).unwrap_err().to_string();
+        let err = Config::from_toml(toml, &env(BASE), &Overrides::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("enable.idempotence"), "{err}");
     }
 
     #[test]
     fn password_never_in_error_or_debug() {
-        let e = env(&[("DATABASE_URL", "mysql://u:hunter2@h/db"), ("KAFKA_BROKERS", "b")]);
-        let err = Config::from_toml("", &e, &Overrides::default()).unwrap_err().to_string();
-        assert!(err.contains("database.url") && !err.contains("hunter2"), "{err}");
+        let e = env(&[
+            ("DATABASE_URL", "mysql://u:hunter2@h/db"),
+            ("KAFKA_BROKERS", "b"),
+        ]);
+        let err = Config::from_toml("", &e, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("database.url") && !err.contains("hunter2"),
+            "{err}"
+        );
         let c = Config::from_toml("", &env(BASE), &Overrides::default()).unwrap();
         assert!(!format!("{c:?}").contains("secret"));
     }
 
     #[test]
     fn missing_database_url_names_the_fix() {
-        let err = Config::from_toml("", &env(&[("KAFKA_BROKERS", "b")]), &Overrides::default()).unwrap_err().to_string();
+        let err = Config::from_toml("", &env(&[("KAFKA_BROKERS", "b")]), &Overrides::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("DATABASE_URL"), "{err}");
     }
 
@@ -438,8 +608,13 @@ mod tests {
         let c = Config::from_toml(example, &BTreeMap::new(), &Overrides::default()).unwrap();
         assert_eq!(c.relay.batch_size, 1000);
         let source = include_str!("config.rs");
-        for name in source.split('"').filter(|s| s.starts_with("KURIER_") && s.chars().all(|c| c.is_ascii_uppercase() || c == '_')) {
-            assert!(example.contains(name), "{name} is read but not documented in config.example.toml");
+        for name in source.split('"').filter(|s| {
+            s.starts_with("KURIER_") && s.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+        }) {
+            assert!(
+                example.contains(name),
+                "{name} is read but not documented in config.example.toml"
+            );
         }
     }
 }

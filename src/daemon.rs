@@ -29,7 +29,11 @@ impl Daemon {
         };
         // Ready means progress within a few poll intervals, but never stricter than 10 s.
         let stall_after = (config.relay.poll_interval * 20).max(Duration::from_secs(10));
-        Ok(Daemon { config, listener, health: Health::new(stall_after) })
+        Ok(Daemon {
+            config,
+            listener,
+            health: Health::new(stall_after),
+        })
     }
 
     pub fn http_addr(&self) -> Option<SocketAddr> {
@@ -52,7 +56,15 @@ impl Daemon {
         tracker.close();
         let result = if self.config.relay.enabled {
             let c = self.config;
-            Relay::new(c.database_url, c.kafka, c.relay, c.shutdown_grace, self.health).run(cancel.clone()).await
+            Relay::new(
+                c.database_url,
+                c.kafka,
+                c.relay,
+                c.shutdown_grace,
+                self.health,
+            )
+            .run(cancel.clone())
+            .await
         } else {
             tracing::info!("relay disabled (relay.enabled = false)");
             self.health.progress();

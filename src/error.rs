@@ -44,7 +44,10 @@ fn database_error_is_retryable(e: &sqlx::Error) -> bool {
             let code = db.code().unwrap_or_default();
             !(code.starts_with("42") || code.starts_with("28") || code.starts_with("3D"))
         }
-        sqlx::Error::Configuration(_) | sqlx::Error::ColumnNotFound(_) | sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => false,
+        sqlx::Error::Configuration(_)
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_) => false,
         _ => true,
     }
 }

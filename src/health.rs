@@ -52,7 +52,10 @@ impl Health {
         let last = Duration::from_millis(self.inner.last_progress_ms.load(Ordering::Relaxed));
         let idle = self.inner.started.elapsed().saturating_sub(last);
         if idle > self.inner.stall_after {
-            return Err(format!("no progress for {:.1}s (broker or database unavailable?)", idle.as_secs_f64()));
+            return Err(format!(
+                "no progress for {:.1}s (broker or database unavailable?)",
+                idle.as_secs_f64()
+            ));
         }
         Ok(())
     }

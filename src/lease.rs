@@ -24,7 +24,12 @@ pub struct Lease {
 
 /// Waits until this instance holds the lease, or `cancel` fires (`Ok(None)`).
 /// Connection errors are retried every `interval`; setup errors are returned.
-pub async fn acquire(database_url: &str, interval: Duration, health: &Health, cancel: &CancellationToken) -> Result<Option<Lease>, Error> {
+pub async fn acquire(
+    database_url: &str,
+    interval: Duration,
+    health: &Health,
+    cancel: &CancellationToken,
+) -> Result<Option<Lease>, Error> {
     let mut announced = false;
     loop {
         match try_acquire(database_url).await {
@@ -55,7 +60,10 @@ pub async fn acquire(database_url: &str, interval: Duration, health: &Health, ca
 async fn try_acquire(database_url: &str) -> Result<Option<Lease>, Error> {
     let mut conn = PgConnection::connect(database_url).await?;
     crate::schema::ensure_migrated(&mut conn).await?;
-    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(RELAY_LOCK).fetch_one(&mut conn).await?;
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(RELAY_LOCK)
+        .fetch_one(&mut conn)
+        .await?;
     if got {
         Ok(Some(Lease { conn }))
     } else {

@@ -35,7 +35,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let overrides = Overrides { http_addr: cli.http_addr.clone() };
+    let overrides = Overrides {
+        http_addr: cli.http_addr.clone(),
+    };
     let config = match Config::load(cli.config.as_deref(), &ProcessEnv, &overrides) {
         Ok(c) => c,
         Err(e) => {
@@ -44,7 +46,11 @@ fn main() -> ExitCode {
         }
     };
     kurier::telemetry::init(config.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match runtime.block_on(dispatch(cli.command, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -58,7 +64,9 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Migrate => {
-            kurier::schema::migrate(&config.database_url).await.context("migrate")?;
+            kurier::schema::migrate(&config.database_url)
+                .await
+                .context("migrate")?;
             tracing::info!("schema kurier is up to date");
         }
         Command::Run => run(config).await?,
@@ -83,7 +91,9 @@ async fn on_signals(cancel: CancellationToken) {
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    tracing::info!("shutdown requested: finishing the in-flight batch (signal again to exit at once)");
+    tracing::info!(
+        "shutdown requested: finishing the in-flight batch (signal again to exit at once)"
+    );
     cancel.cancel();
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     eprintln!("kurier: second signal, exiting without waiting");

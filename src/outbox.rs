@@ -59,7 +59,13 @@ impl Message {
     }
 
     fn with_payload(topic: impl Into<String>, payload: Payload) -> Self {
-        Message { topic: topic.into(), key: None, payload, headers: BTreeMap::new(), message_id: None }
+        Message {
+            topic: topic.into(),
+            key: None,
+            payload,
+            headers: BTreeMap::new(),
+            message_id: None,
+        }
     }
 
     /// Sets the Kafka key; messages with the same topic and key keep their order.
@@ -89,7 +95,10 @@ impl Message {
     /// learns about a bad message in its own transaction.
     pub fn validate(&self) -> Result<(), Error> {
         validate_topic(&self.topic)?;
-        if self.headers.contains_key(crate::publisher::MESSAGE_ID_HEADER) {
+        if self
+            .headers
+            .contains_key(crate::publisher::MESSAGE_ID_HEADER)
+        {
             return Err(Error::InvalidMessage("header `message-id` is reserved: Kurier sets it from the row's message_id; use Message::message_id".into()));
         }
         Ok(())
@@ -119,13 +128,19 @@ pub async fn enqueue<'e, E: PgExecutor<'e>>(executor: E, msg: &Message) -> Resul
     Ok(id)
 }
 
-const ENQUEUE: &str = "INSERT INTO kurier.outbox (message_id, topic, key, payload, payload_bytes, headers) \
+const ENQUEUE: &str =
+    "INSERT INTO kurier.outbox (message_id, topic, key, payload, payload_bytes, headers) \
      VALUES (COALESCE($1, gen_random_uuid()), $2, $3, $4, $5, $6) RETURNING message_id";
 
 /// Kafka's own rule for topic names.
 pub fn validate_topic(topic: &str) -> Result<(), Error> {
     let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-    if topic.is_empty() || topic.len() > 249 || topic == "." || topic == ".." || !topic.chars().all(legal) {
+    if topic.is_empty()
+        || topic.len() > 249
+        || topic == "."
+        || topic == ".."
+        || !topic.chars().all(legal)
+    {
         return Err(Error::InvalidMessage(format!(
             "illegal topic name `{}`: Kafka topic names are 1-249 characters of [a-zA-Z0-9._-] and not `.` or `..`",
             topic.escape_debug()
@@ -153,14 +168,18 @@ pub struct OutboxRow {
 impl OutboxRow {
     /// The record value: JSON text, raw bytes, or `None` for a tombstone.
     pub fn value(&self) -> Option<&[u8]> {
-        self.payload_text.as_deref().map(str::as_bytes).or(self.payload_bytes.as_deref())
+        self.payload_text
+            .as_deref()
+            .map(str::as_bytes)
+            .or(self.payload_bytes.as_deref())
     }
 }
 
 /// Oldest rows first. A row waiting for a retry holds back the later rows of
 /// its topic and key (probing the small partial index `outbox_retrying`), so
 /// a retry never lets a key's later message overtake an earlier one.
-const CLAIM: &str = "SELECT o.id, o.message_id, o.topic, o.key, o.payload::text AS payload_text, o.payload_bytes, \
+const CLAIM: &str =
+    "SELECT o.id, o.message_id, o.topic, o.key, o.payload::text AS payload_text, o.payload_bytes, \
             o.headers::text AS headers, o.attempts \
      FROM kurier.outbox o \
      WHERE (o.retry_at IS NULL OR o.retry_at <= now()) \
@@ -171,7 +190,10 @@ const CLAIM: &str = "SELECT o.id, o.message_id, o.topic, o.key, o.payload::text 
 
 /// Reads the next batch. Runs on the lease connection, so only the active relay claims.
 pub async fn claim(conn: &mut PgConnection, limit: u32) -> Result<Vec<OutboxRow>, sqlx::Error> {
-    sqlx::query_as(CLAIM).bind(i64::from(limit)).fetch_all(conn).await
+    sqlx::query_as(CLAIM)
+        .bind(i64::from(limit))
+        .fetch_all(conn)
+        .await
 }
 
 /// Removes rows whose delivery report said "acknowledged".
@@ -179,12 +201,20 @@ pub async fn delete_published(conn: &mut PgConnection, ids: &[i64]) -> Result<u6
     if ids.is_empty() {
         return Ok(0);
     }
-    let done = sqlx::query("DELETE FROM kurier.outbox WHERE id = ANY($1)").bind(ids).execute(conn).await?;
+    let done = sqlx::query("DELETE FROM kurier.outbox WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(conn)
+        .await?;
     Ok(done.rows_affected())
 }
 
 /// Records a failed attempt and when to try again.
-pub async fn schedule_retry(conn: &mut PgConnection, id: i64, error: &str, delay: Duration) -> Result<(), sqlx::Error> {
+pub async fn schedule_retry(
+    conn: &mut PgConnection,
+    id: i64,
+    error: &str,
+    delay: Duration,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE kurier.outbox SET attempts = attempts + 1, last_error = $2, \
          retry_at = now() + make_interval(secs => $3) WHERE id = $1",

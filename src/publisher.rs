@@ -46,7 +46,9 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(cfg: &KafkaConfig) -> Result<Self, Error> {
-        Ok(Publisher { producer: client_config(cfg).create()? })
+        Ok(Publisher {
+            producer: client_config(cfg).create()?,
+        })
     }
 
     /// Hands one row to the producer. The returned future resolves with the
@@ -54,14 +56,17 @@ impl Publisher {
     pub fn send(&self, row: &OutboxRow) -> Result<DeliveryFuture, Failure> {
         validate_topic(&row.topic).map_err(|e| Failure::Permanent(e.to_string()))?;
         let headers = record_headers(&row.headers, &row.message_id.to_string())?;
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&row.topic).headers(headers);
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&row.topic).headers(headers);
         if let Some(key) = &row.key {
             record = record.key(key.as_bytes());
         }
         if let Some(value) = row.value() {
             record = record.payload(value);
         }
-        self.producer.send_result(record).map_err(|(e, _)| classify(&e))
+        self.producer
+            .send_result(record)
+            .map_err(|(e, _)| classify(&e))
     }
 
     /// Waits for everything handed to the producer (used at shutdown).
@@ -72,7 +77,10 @@ impl Publisher {
     /// A fatal idempotent-producer error means this producer instance is done:
     /// the relay drops it and builds a new one.
     pub fn fatal_error(&self) -> Option<String> {
-        self.producer.client().fatal_error().map(|(code, msg)| format!("{code:?}: {msg}"))
+        self.producer
+            .client()
+            .fatal_error()
+            .map(|(code, msg)| format!("{code:?}: {msg}"))
     }
 
     pub fn producer(&self) -> &FutureProducer {
@@ -92,19 +100,27 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c.set("bootstrap.servers", &cfg.brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("partitioner", cfg.properties.get("partitioner").map(String::as_str).unwrap_or("murmur2_random"));
+        .set(
+            "partitioner",
+            cfg.properties
+                .get("partitioner")
+                .map(String::as_str)
+                .unwrap_or("murmur2_random"),
+        );
     c
 }
 
 /// The row's `headers` object plus `message-id`. Values must be strings (or
 /// null, meaning a header without value); anything else is malformed input.
 pub fn record_headers(headers_json: &str, message_id: &str) -> Result<OwnedHeaders, Failure> {
-    let map: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_str(headers_json).map_err(|e| Failure::Permanent(format!("headers are not a JSON object: {e}")))?;
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(headers_json)
+        .map_err(|e| Failure::Permanent(format!("headers are not a JSON object: {e}")))?;
     let mut out = OwnedHeaders::new_with_capacity(map.len() + 1);
     for (name, value) in &map {
         if name == MESSAGE_ID_HEADER {
-            return Err(Failure::Permanent("header `message-id` is reserved: Kurier sets it from the message_id column".into()));
+            return Err(Failure::Permanent(
+                "header `message-id` is reserved: Kurier sets it from the message_id column".into(),
+            ));
         }
         out = match value {
             serde_json::Value::String(s) => out.insert(Header { key: name, value: Some(s.as_bytes()) }),
@@ -116,7 +132,10 @@ pub fn record_headers(headers_json: &str, message_id: &str) -> Result<OwnedHeade
             }
         };
     }
-    Ok(out.insert(Header { key: MESSAGE_ID_HEADER, value: Some(message_id.as_bytes()) }))
+    Ok(out.insert(Header {
+        key: MESSAGE_ID_HEADER,
+        value: Some(message_id.as_bytes()),
+    }))
 }
 
 /// Sorts a producer error into the three ways of handling it.
@@ -128,13 +147,20 @@ pub fn classify(e: &KafkaError) -> Failure {
         _ => return Failure::Transient(text),
     };
     match code {
-        C::MessageSizeTooLarge | C::InvalidMessageSize | C::MessageBatchTooLarge | C::InvalidRecord | C::InvalidMessage => {
-            Failure::Permanent(format!("{text} (the record exceeds or violates the broker's limits, e.g. message.max.bytes)"))
-        }
-        C::InvalidTopic | C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed | C::InvalidArgument => Failure::Permanent(text),
-        C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition => {
-            Failure::Row(format!("{text} (create the topic or enable auto.create.topics.enable on the broker)"))
-        }
+        C::MessageSizeTooLarge
+        | C::InvalidMessageSize
+        | C::MessageBatchTooLarge
+        | C::InvalidRecord
+        | C::InvalidMessage => Failure::Permanent(format!(
+            "{text} (the record exceeds or violates the broker's limits, e.g. message.max.bytes)"
+        )),
+        C::InvalidTopic
+        | C::TopicAuthorizationFailed
+        | C::ClusterAuthorizationFailed
+        | C::InvalidArgument => Failure::Permanent(text),
+        C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition => Failure::Row(
+            format!("{text} (create the topic or enable auto.create.topics.enable on the broker)"),
+        ),
         _ => Failure::Transient(text),
     }
 }
@@ -147,7 +173,10 @@ mod tests {
     #[test]
     fn headers_map_with_message_id_last() {
         let h = record_headers(r#"{"traceparent":"00-ab","empty":null}"#, "id-1").unwrap();
-        let got: Vec<(String, Option<Vec<u8>>)> = h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect();
+        let got: Vec<(String, Option<Vec<u8>>)> = h
+            .iter()
+            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+            .collect();
         assert_eq!(
             got,
             vec![
@@ -161,15 +190,30 @@ mod tests {
     #[test]
     fn non_string_header_is_permanent() {
         let err = record_headers(r#"{"n":1}"#, "x").unwrap_err();
-        assert!(matches!(err, Failure::Permanent(ref r) if r.contains("`n`")), "{err:?}");
+        assert!(
+            matches!(err, Failure::Permanent(ref r) if r.contains("`n`")),
+            "{err:?}"
+        );
     }
 
     #[test]
     fn classification() {
         let p = |c| classify(&KafkaError::MessageProduction(c));
-        assert!(matches!(p(RDKafkaErrorCode::MessageSizeTooLarge), Failure::Permanent(_)));
-        assert!(matches!(p(RDKafkaErrorCode::UnknownTopicOrPartition), Failure::Row(_)));
-        assert!(matches!(p(RDKafkaErrorCode::MessageTimedOut), Failure::Transient(_)));
-        assert!(matches!(p(RDKafkaErrorCode::AllBrokersDown), Failure::Transient(_)));
+        assert!(matches!(
+            p(RDKafkaErrorCode::MessageSizeTooLarge),
+            Failure::Permanent(_)
+        ));
+        assert!(matches!(
+            p(RDKafkaErrorCode::UnknownTopicOrPartition),
+            Failure::Row(_)
+        ));
+        assert!(matches!(
+            p(RDKafkaErrorCode::MessageTimedOut),
+            Failure::Transient(_)
+        ));
+        assert!(matches!(
+            p(RDKafkaErrorCode::AllBrokersDown),
+            Failure::Transient(_)
+        ));
     }
 }

@@ -19,7 +19,10 @@ pub fn redact_url(url: &str) -> String {
 /// Removes every occurrence of the password of `url` from `text` (for driver
 /// errors that might quote the connection string).
 pub fn scrub(text: &str, url: &str) -> String {
-    match url::Url::parse(url).ok().and_then(|u| u.password().map(str::to_owned)) {
+    match url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.password().map(str::to_owned))
+    {
         Some(p) if !p.is_empty() => text.replace(&p, "***"),
         _ => text.to_owned(),
     }
@@ -48,6 +51,9 @@ mod tests {
 
     #[test]
     fn scrub_removes_password_from_text() {
-        assert_eq!(scrub("failed for app:pw1@db", "postgres://app:pw1@db/x"), "failed for app:***@db");
+        assert_eq!(
+            scrub("failed for app:pw1@db", "postgres://app:pw1@db/x"),
+            "failed for app:***@db"
+        );
     }
 }

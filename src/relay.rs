@@ -48,15 +48,34 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(database_url: String, kafka: KafkaConfig, cfg: RelayConfig, grace: Duration, health: Health) -> Self {
-        Relay { database_url, kafka, cfg, grace, health }
+    pub fn new(
+        database_url: String,
+        kafka: KafkaConfig,
+        cfg: RelayConfig,
+        grace: Duration,
+        health: Health,
+    ) -> Self {
+        Relay {
+            database_url,
+            kafka,
+            cfg,
+            grace,
+            health,
+        }
     }
 
     /// Runs until `cancel` fires (then `Ok`) or an error that cannot heal.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), Error> {
         let mut publisher = Publisher::new(&self.kafka)?;
         let mut reconnect = self.backoff();
-        while let Some(mut lease) = lease::acquire(&self.database_url, self.cfg.standby_interval, &self.health, &cancel).await? {
+        while let Some(mut lease) = lease::acquire(
+            &self.database_url,
+            self.cfg.standby_interval,
+            &self.health,
+            &cancel,
+        )
+        .await?
+        {
             match self.serve(&mut lease, &mut publisher, &cancel).await {
                 Ok(()) => break,
                 Err(e) if e.is_retryable() => {
@@ -73,11 +92,18 @@ impl Relay {
         Ok(())
     }
 
-    async fn serve(&self, lease: &mut Lease, publisher: &mut Publisher, cancel: &CancellationToken) -> Result<(), Error> {
+    async fn serve(
+        &self,
+        lease: &mut Lease,
+        publisher: &mut Publisher,
+        cancel: &CancellationToken,
+    ) -> Result<(), Error> {
         let mut listener = self.listen().await;
         let mut pause = self.backoff();
         while !cancel.is_cancelled() {
-            let rows = outbox::claim(&mut lease.conn, self.cfg.batch_size).await.map_err(explain_setup)?;
+            let rows = outbox::claim(&mut lease.conn, self.cfg.batch_size)
+                .await
+                .map_err(explain_setup)?;
             if rows.is_empty() {
                 self.health.progress();
                 self.idle(&mut listener, cancel).await;
@@ -85,7 +111,8 @@ impl Relay {
             }
             let started = Instant::now();
             let outcomes = self.publish(publisher, &rows, cancel).await;
-            metrics::histogram!("kurier_relay_batch_publish_seconds").record(started.elapsed().as_secs_f64());
+            metrics::histogram!("kurier_relay_batch_publish_seconds")
+                .record(started.elapsed().as_secs_f64());
             metrics::histogram!("kurier_relay_batch_size").record(rows.len() as f64);
             let transient = self.finish(&mut lease.conn, &rows, &outcomes).await?;
             if let Some(fatal) = publisher.fatal_error() {
@@ -105,7 +132,12 @@ impl Relay {
     }
 
     /// Sends rows in id order and collects their delivery reports.
-    async fn publish(&self, publisher: &Publisher, rows: &[OutboxRow], cancel: &CancellationToken) -> Vec<Outcome> {
+    async fn publish(
+        &self,
+        publisher: &Publisher,
+        rows: &[OutboxRow],
+        cancel: &CancellationToken,
+    ) -> Vec<Outcome> {
         let mut outcomes = vec![Outcome::Unknown; rows.len()];
         let mut pending = FuturesUnordered::new();
         // A key whose row failed to send sends nothing more from this batch,
@@ -151,14 +183,33 @@ impl Relay {
 
     /// Deletes delivered rows, schedules retries, dead-letters what cannot be
     /// published. Returns how many rows failed transiently.
-    async fn finish(&self, conn: &mut PgConnection, rows: &[OutboxRow], outcomes: &[Outcome]) -> Result<usize, Error> {
-        let delivered: Vec<i64> = rows.iter().zip(outcomes).filter(|(_, o)| **o == Outcome::Delivered).map(|(r, _)| r.id).collect();
+    async fn finish(
+        &self,
+        conn: &mut PgConnection,
+        rows: &[OutboxRow],
+        outcomes: &[Outcome],
+    ) -> Result<usize, Error> {
+        let delivered: Vec<i64> = rows
+            .iter()
+            .zip(outcomes)
+            .filter(|(_, o)| **o == Outcome::Delivered)
+            .map(|(r, _)| r.id)
+            .collect();
         outbox::delete_published(conn, &delivered).await?;
-        count_per_topic("kurier_outbox_published_total", rows.iter().zip(outcomes).filter(|(_, o)| **o == Outcome::Delivered).map(|(r, _)| r));
+        count_per_topic(
+            "kurier_outbox_published_total",
+            rows.iter()
+                .zip(outcomes)
+                .filter(|(_, o)| **o == Outcome::Delivered)
+                .map(|(r, _)| r),
+        );
         let mut transient = 0;
         for (row, outcome) in rows.iter().zip(outcomes) {
-            let Outcome::Failed(failure) = outcome else { continue };
-            metrics::counter!("kurier_outbox_failed_total", "topic" => row.topic.clone()).increment(1);
+            let Outcome::Failed(failure) = outcome else {
+                continue;
+            };
+            metrics::counter!("kurier_outbox_failed_total", "topic" => row.topic.clone())
+                .increment(1);
             match failure {
                 Failure::Transient(_) => transient += 1,
                 Failure::Row(why) if (row.attempts as u32) + 1 < self.cfg.max_attempts => {
@@ -222,15 +273,21 @@ impl Relay {
 
     /// The delay before a row's next attempt, after `attempts` failed ones.
     fn row_backoff(&self, attempts: i32) -> Duration {
-        self.backoff().nth(attempts.max(0) as usize).unwrap_or(self.cfg.retry_max)
+        self.backoff()
+            .nth(attempts.max(0) as usize)
+            .unwrap_or(self.cfg.retry_max)
     }
 }
 
-fn delivery_outcome(report: Result<OwnedDeliveryResult, futures::channel::oneshot::Canceled>) -> Outcome {
+fn delivery_outcome(
+    report: Result<OwnedDeliveryResult, futures::channel::oneshot::Canceled>,
+) -> Outcome {
     match report {
         Ok(Ok(_)) => Outcome::Delivered,
         Ok(Err((e, _))) => Outcome::Failed(classify(&e)),
-        Err(_) => Outcome::Failed(Failure::Transient("producer dropped before the delivery report".into())),
+        Err(_) => Outcome::Failed(Failure::Transient(
+            "producer dropped before the delivery report".into(),
+        )),
     }
 }
 

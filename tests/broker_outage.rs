@@ -27,15 +27,29 @@ impl Drop for Broker {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Tansu listening on `port`, telling clients to connect to `advertised`.
 async fn start_tansu(port: u16, advertised: u16) -> Broker {
-    let bin = required_env("TANSU_BIN", "the Tansu broker binary (scripts/ensure-tansu.sh prints its path)");
+    let bin = required_env(
+        "TANSU_BIN",
+        "the Tansu broker binary (scripts/ensure-tansu.sh prints its path)",
+    );
     let child = Command::new(bin)
-        .args(["broker", "--listener-url", &format!("tcp://127.0.0.1:{port}")])
-        .args(["--advertised-listener-url", &format!("tcp://127.0.0.1:{advertised}")])
+        .args([
+            "broker",
+            "--listener-url",
+            &format!("tcp://127.0.0.1:{port}"),
+        ])
+        .args([
+            "--advertised-listener-url",
+            &format!("tcp://127.0.0.1:{advertised}"),
+        ])
         .args(["--storage-engine", "memory://tansu/"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -62,7 +76,9 @@ impl Proxy {
         let token = CancellationToken::new();
         let socket = TcpSocket::new_v4().unwrap();
         socket.set_reuseaddr(true).unwrap();
-        socket.bind(([127, 0, 0, 1], self.port).into()).expect("proxy bind");
+        socket
+            .bind(([127, 0, 0, 1], self.port).into())
+            .expect("proxy bind");
         let listener = socket.listen(128).unwrap();
         let (upstream, t) = (self.upstream, token.clone());
         tokio::spawn(async move {
@@ -73,7 +89,9 @@ impl Proxy {
                 };
                 let t = t.clone();
                 tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(upstream).await else { return };
+                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
                     tokio::select! {
                         _ = t.cancelled() => {}
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
@@ -95,7 +113,11 @@ impl Proxy {
 async fn broker_unreachable_then_back_loses_nothing() {
     let (tansu_port, proxy_port) = (free_port(), free_port());
     let _broker = start_tansu(tansu_port, proxy_port).await;
-    let proxy = Arc::new(Proxy { port: proxy_port, upstream: ([127, 0, 0, 1], tansu_port).into(), up: Mutex::new(None) });
+    let proxy = Arc::new(Proxy {
+        port: proxy_port,
+        upstream: ([127, 0, 0, 1], tansu_port).into(),
+        up: Mutex::new(None),
+    });
     proxy.up();
     let brokers = format!("127.0.0.1:{proxy_port}");
     let (db, topic) = (fresh_db().await, unique("outage"));
@@ -106,14 +128,29 @@ async fn broker_unreachable_then_back_loses_nothing() {
     let stop = CancellationToken::new();
     let writers = {
         let (pool, topic, stop) = (db.pool.clone(), topic.clone(), stop.clone());
-        tokio::spawn(async move { write_concurrently(&pool, &topic, 2, 1_000_000, 4, 0.10, stop).await })
+        tokio::spawn(async move {
+            write_concurrently(
+                &pool,
+                &topic,
+                2,
+                1_000_000,
+                4,
+                0.10,
+                Duration::from_millis(2),
+                stop,
+            )
+            .await
+        })
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     proxy.down();
     let before = outbox_count(&db.pool).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     let during = outbox_count(&db.pool).await;
-    assert!(during > before, "rows keep arriving while the broker is away ({before} -> {during})");
+    assert!(
+        during > before,
+        "rows keep arriving while the broker is away ({before} -> {during})"
+    );
     proxy.up();
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.cancel();

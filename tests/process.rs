@@ -24,13 +24,25 @@ async fn sigkill_mid_batch_and_restart_loses_nothing() {
     let stop = CancellationToken::new();
     let writers = {
         let (pool, topic, stop) = (db.pool.clone(), topic.clone(), stop.clone());
-        tokio::spawn(async move { write_concurrently(&pool, &topic, 4, 100_000, 4, 0.10, stop).await })
+        tokio::spawn(async move {
+            write_concurrently(
+                &pool,
+                &topic,
+                4,
+                100_000,
+                4,
+                0.10,
+                Duration::from_millis(10),
+                stop,
+            )
+            .await
+        })
     };
     let started = Instant::now();
     let mut kills = 0;
     while started.elapsed() < Duration::from_secs(8) {
         let mut child = spawn_binary(&["run"], &env);
-        let lifetime = rand::rng().random_range(300..1200);
+        let lifetime = rand::rng().random_range(500..1500);
         tokio::time::sleep(Duration::from_millis(lifetime)).await;
         child.kill().expect("SIGKILL");
         child.wait().unwrap();
@@ -40,8 +52,12 @@ async fn sigkill_mid_batch_and_restart_loses_nothing() {
     let committed = writers.await.unwrap();
     let left_after_kills = outbox_count(&db.pool).await;
     let published_while_killed = committed.ids.len() as i64 - left_after_kills;
-    assert!(published_while_killed > 1000, "the killed relays must have been publishing: only {published_while_killed} rows left the outbox");
-    assert!(committed.ids.len() > 500, "writers committed too little to mean anything: {}", committed.ids.len());
+    assert!(published_while_killed * 4 > committed.ids.len() as i64, "the killed relays must have been publishing: only {published_while_killed} of {} rows left the outbox", committed.ids.len());
+    assert!(
+        committed.ids.len() > 500,
+        "writers committed too little to mean anything: {}",
+        committed.ids.len()
+    );
 
     // A last run drains the rest, then stops gracefully on SIGTERM with exit 0.
     let mut child = spawn_binary(&["run"], &env);
@@ -59,8 +75,22 @@ async fn sigkill_mid_batch_and_restart_loses_nothing() {
 async fn sigterm_finishes_the_in_flight_batch_and_exits_zero() {
     let (db, brokers, topic) = (fresh_db().await, brokers(), unique("sigterm"));
     create_topic(&brokers, &topic, 1).await;
-    let committed = write_concurrently(&db.pool, &topic, 2, 2000, 2, 0.0, CancellationToken::new()).await;
-    let env = [("DATABASE_URL", db.url.as_str()), ("KAFKA_BROKERS", brokers.as_str()), ("KURIER_RELAY_BATCH_SIZE", "500")];
+    let committed = write_concurrently(
+        &db.pool,
+        &topic,
+        2,
+        2000,
+        2,
+        0.0,
+        Duration::ZERO,
+        CancellationToken::new(),
+    )
+    .await;
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("KAFKA_BROKERS", brokers.as_str()),
+        ("KURIER_RELAY_BATCH_SIZE", "500"),
+    ];
     let mut child = spawn_binary(&["run"], &env);
     // Stop as soon as the first batch is finished, while later ones are in flight.
     let total = outbox_count(&db.pool).await;
@@ -75,12 +105,22 @@ async fn sigterm_finishes_the_in_flight_batch_and_exits_zero() {
     let left = outbox_count(&db.pool).await;
     // Whatever was deleted was acknowledged: everything missing from the outbox is on the topic.
     let published: std::collections::HashSet<String> =
-        sqlx::query_scalar::<_, uuid::Uuid>("SELECT message_id FROM kurier.outbox").fetch_all(&db.pool).await.unwrap().into_iter().map(|u| u.to_string()).collect();
-    let gone: std::collections::HashSet<String> = committed.ids.difference(&published).cloned().collect();
+        sqlx::query_scalar::<_, uuid::Uuid>("SELECT message_id FROM kurier.outbox")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|u| u.to_string())
+            .collect();
+    let gone: std::collections::HashSet<String> =
+        committed.ids.difference(&published).cloned().collect();
     assert_eq!(gone.len() as i64, total - left);
     let recs = read_ids(&brokers, &topic, &gone, Duration::from_secs(60));
     assert!(recs.len() >= gone.len());
-    eprintln!("SIGTERM after first batch: {} of {total} rows published, {left} left for the next run", gone.len());
+    eprintln!(
+        "SIGTERM after first batch: {} of {total} rows published, {left} left for the next run",
+        gone.len()
+    );
 }
 
 #[test]
@@ -90,15 +130,27 @@ fn malformed_config_is_refused_naming_the_key() {
     let cases: &[(&str, &[(&str, &str)], &str)] = &[
         ("[relay]\nbatch_sise = 10\n", &[], "batch_sise"),
         ("[relay]\nbatch_size = \"many\"\n", &[], "batch_size"),
-        ("[database]\nurl = \"mysql://u:hunter2@h/db\"\n[kafka]\nbrokers = \"b:9092\"\n", &[], "database.url"),
+        (
+            "[database]\nurl = \"mysql://u:hunter2@h/db\"\n[kafka]\nbrokers = \"b:9092\"\n",
+            &[],
+            "database.url",
+        ),
         ("[kafka.properties]\nacks = \"1\"\n", &[], "acks"),
-        ("", &[("KURIER_RELAY_POLL_INTERVAL_MS", "soon")], "KURIER_RELAY_POLL_INTERVAL_MS"),
+        (
+            "",
+            &[("KURIER_RELAY_POLL_INTERVAL_MS", "soon")],
+            "KURIER_RELAY_POLL_INTERVAL_MS",
+        ),
     ];
     for (i, (toml, extra_env, key)) in cases.iter().enumerate() {
         let path = dir.join(format!("bad{i}.toml"));
         std::fs::write(&path, toml).unwrap();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kurier"));
-        cmd.arg("--config").arg(&path).arg("run").env("DATABASE_URL", "postgres://u@127.0.0.1:1/x").env("KAFKA_BROKERS", "127.0.0.1:1");
+        cmd.arg("--config")
+            .arg(&path)
+            .arg("run")
+            .env("DATABASE_URL", "postgres://u@127.0.0.1:1/x")
+            .env("KAFKA_BROKERS", "127.0.0.1:1");
         if i == 2 {
             cmd.env_remove("DATABASE_URL");
         }
@@ -108,7 +160,68 @@ fn malformed_config_is_refused_naming_the_key() {
         let out = cmd.output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "case {i}: {stderr}");
-        assert!(stderr.contains(key), "case {i}: error must name `{key}`: {stderr}");
+        assert!(
+            stderr.contains(key),
+            "case {i}: error must name `{key}`: {stderr}"
+        );
         assert!(!stderr.contains("hunter2"), "password leaked: {stderr}");
     }
+}
+
+/// With the broker unreachable a batch waits for delivery reports: SIGTERM
+/// waits `shutdown_grace` then exits 0 leaving the rows; a second signal exits at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_with_broker_down_respects_grace_and_second_signal() {
+    let db = fresh_db().await;
+    for i in 0..10 {
+        kurier::enqueue(
+            &db.pool,
+            &kurier::Message::json("t", serde_json::json!({ "i": i })).key("k"),
+        )
+        .await
+        .unwrap();
+    }
+    // Nothing listens on port 1: every batch waits for the broker.
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("KAFKA_BROKERS", "127.0.0.1:1"),
+        ("KURIER_SHUTDOWN_GRACE_MS", "1500"),
+    ];
+
+    let mut child = spawn_binary(&["run"], &env);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t = Instant::now();
+    signal(&child, "TERM");
+    let status = child.wait().unwrap();
+    let took = t.elapsed();
+    assert!(status.success(), "graceful exit must be 0: {status}");
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(6),
+        "waited {took:?} for a 1.5 s grace"
+    );
+    assert_eq!(
+        outbox_count(&db.pool).await,
+        10,
+        "unacknowledged rows stay in the outbox"
+    );
+
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("KAFKA_BROKERS", "127.0.0.1:1"),
+        ("KURIER_SHUTDOWN_GRACE_MS", "60000"),
+    ];
+    let mut child = spawn_binary(&["run"], &env);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    signal(&child, "TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    signal(&child, "INT");
+    let status = child.wait().unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "second signal must exit at once, took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(status.code(), Some(130), "{status}");
+    assert_eq!(outbox_count(&db.pool).await, 10);
 }

@@ -19,18 +19,41 @@ async fn rolled_back_transactions_never_publish() {
 
     // Library call on an open transaction, then rollback.
     let mut tx = db.pool.begin().await.unwrap();
-    let ghost = kurier::enqueue(&mut *tx, &Message::json(&topic, serde_json::json!({"n": 1})).key("k")).await.unwrap();
+    let ghost = kurier::enqueue(
+        &mut *tx,
+        &Message::json(&topic, serde_json::json!({"n": 1})).key("k"),
+    )
+    .await
+    .unwrap();
     tx.rollback().await.unwrap();
     // Plain SQL from "another language", rolled back.
     let mut tx = db.pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO kurier.outbox (topic, key, payload) VALUES ($1, 'k', '{\"n\":2}')").bind(&topic).execute(&mut *tx).await.unwrap();
+    sqlx::query("INSERT INTO kurier.outbox (topic, key, payload) VALUES ($1, 'k', '{\"n\":2}')")
+        .bind(&topic)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     tx.rollback().await.unwrap();
     // A committed sentinel written after both.
-    let sentinel = kurier::enqueue(&db.pool, &Message::json(&topic, serde_json::json!({"n": 3})).key("k")).await.unwrap();
+    let sentinel = kurier::enqueue(
+        &db.pool,
+        &Message::json(&topic, serde_json::json!({"n": 3})).key("k"),
+    )
+    .await
+    .unwrap();
 
-    let recs = read_ids(&brokers, &topic, &HashSet::from([sentinel.to_string()]), READ);
+    let recs = read_ids(
+        &brokers,
+        &topic,
+        &HashSet::from([sentinel.to_string()]),
+        READ,
+    );
     let ids: Vec<&str> = recs.iter().map(Rec::message_id).collect();
-    assert_eq!(ids, vec![sentinel.to_string().as_str()], "only the committed row may be published (rolled back: {ghost})");
+    assert_eq!(
+        ids,
+        vec![sentinel.to_string().as_str()],
+        "only the committed row may be published (rolled back: {ghost})"
+    );
     relay.stop().await;
 }
 
@@ -39,8 +62,21 @@ async fn concurrent_writers_with_rollbacks_all_delivered_in_key_order() {
     let (db, brokers, topic) = (fresh_db().await, brokers(), unique("concurrent"));
     create_topic(&brokers, &topic, 4).await;
     let relay = start_in_process(config(&db.url, &brokers, "[relay]\nbatch_size = 200\n")).await;
-    let committed = write_concurrently(&db.pool, &topic, 8, 150, 5, 0.10, CancellationToken::new()).await;
-    assert!(!committed.rolled_back.is_empty(), "the test must include rollbacks");
+    let committed = write_concurrently(
+        &db.pool,
+        &topic,
+        8,
+        150,
+        5,
+        0.10,
+        Duration::ZERO,
+        CancellationToken::new(),
+    )
+    .await;
+    assert!(
+        !committed.rolled_back.is_empty(),
+        "the test must include rollbacks"
+    );
     let recs = read_ids(&brokers, &topic, &committed.ids, READ);
     assert_delivered_exactly(&recs, &committed);
     wait_drained(&db.pool, Duration::from_secs(10)).await;
@@ -59,33 +95,67 @@ async fn tombstones_headers_and_binary_payloads_map_as_specified() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    let tomb = kurier::enqueue(&db.pool, &Message::tombstone(&topic, "order-42")).await.unwrap();
-    let bin = kurier::enqueue(&db.pool, &Message::bytes(&topic, vec![0u8, 159, 146, 150, 255]).key("bin")).await.unwrap();
+    let tomb = kurier::enqueue(&db.pool, &Message::tombstone(&topic, "order-42"))
+        .await
+        .unwrap();
+    let bin = kurier::enqueue(
+        &db.pool,
+        &Message::bytes(&topic, vec![0u8, 159, 146, 150, 255]).key("bin"),
+    )
+    .await
+    .unwrap();
     let chosen = uuid::Uuid::new_v4();
-    let nokey = kurier::enqueue(&db.pool, &Message::json(&topic, serde_json::json!([1, "two"])).message_id(chosen)).await.unwrap();
+    let nokey = kurier::enqueue(
+        &db.pool,
+        &Message::json(&topic, serde_json::json!([1, "two"])).message_id(chosen),
+    )
+    .await
+    .unwrap();
     assert_eq!(nokey, chosen);
 
     let relay = start_in_process(config(&db.url, &brokers, "")).await;
     let want = HashSet::from([json_id, tomb, bin, nokey].map(|u| u.to_string()));
     let recs = read_ids(&brokers, &topic, &want, READ);
     assert_eq!(recs.len(), 4, "{recs:?}");
-    let by_id = |id: uuid::Uuid| recs.iter().find(|r| r.message_id() == id.to_string()).unwrap();
+    let by_id = |id: uuid::Uuid| {
+        recs.iter()
+            .find(|r| r.message_id() == id.to_string())
+            .unwrap()
+    };
 
     let r = by_id(json_id);
     assert_eq!(r.key.as_deref(), Some("order-42"));
     assert_eq!(r.json(), serde_json::json!({"type": "OrderPlaced"}));
     assert_eq!(r.header("traceparent"), Some("00-abc-def-01"));
-    assert!(r.headers.iter().any(|(k, v)| k == "empty" && v.is_none()), "null header = header without value: {r:?}");
+    assert!(
+        r.headers.iter().any(|(k, v)| k == "empty" && v.is_none()),
+        "null header = header without value: {r:?}"
+    );
     assert_eq!(r.headers.len(), 3, "{r:?}");
 
     let r = by_id(tomb);
-    assert_eq!((r.key.as_deref(), r.value.as_deref()), (Some("order-42"), None), "NULL payload = tombstone");
+    assert_eq!(
+        (r.key.as_deref(), r.value.as_deref()),
+        (Some("order-42"), None),
+        "NULL payload = tombstone"
+    );
     let r = by_id(bin);
-    assert_eq!(r.value.as_deref(), Some(&[0u8, 159, 146, 150, 255][..]), "bytes unchanged");
+    assert_eq!(
+        r.value.as_deref(),
+        Some(&[0u8, 159, 146, 150, 255][..]),
+        "bytes unchanged"
+    );
     let r = by_id(nokey);
-    assert_eq!((r.key.as_deref(), r.json()), (None, serde_json::json!([1, "two"])));
+    assert_eq!(
+        (r.key.as_deref(), r.json()),
+        (None, serde_json::json!([1, "two"]))
+    );
     // Order of one key: the JSON row was inserted before its tombstone.
-    let pos = |id: uuid::Uuid| recs.iter().position(|r| r.message_id() == id.to_string()).unwrap();
+    let pos = |id: uuid::Uuid| {
+        recs.iter()
+            .position(|r| r.message_id() == id.to_string())
+            .unwrap()
+    };
     assert!(pos(json_id) < pos(tomb));
     relay.stop().await;
 }
@@ -98,7 +168,10 @@ fn murmur2_matches_independent_vectors() {
         ("foobar", -790332482),
         ("a-little-bit-long-string", -985981536),
         ("a-little-bit-longer-string", -1486304829),
-        ("lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8", -58897971),
+        (
+            "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+            -58897971,
+        ),
         ("abc", 479470107),
         ("1", -1993445489),
         ("12", 126087238),
@@ -116,21 +189,47 @@ async fn key_to_partition_matches_the_java_client() {
     let (db, brokers, topic) = (fresh_db().await, brokers(), unique("partitions"));
     const PARTITIONS: i32 = 6;
     create_topic(&brokers, &topic, PARTITIONS).await;
-    let mut keys: Vec<String> = ["21", "foobar", "a-little-bit-long-string", "abc", "1", "12345"].iter().map(|s| s.to_string()).collect();
+    let mut keys: Vec<String> = [
+        "21",
+        "foobar",
+        "a-little-bit-long-string",
+        "abc",
+        "1",
+        "12345",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     keys.extend((0..200).map(|i| format!("customer-{i}")));
     let mut ids = HashSet::new();
     for k in &keys {
-        ids.insert(kurier::enqueue(&db.pool, &Message::json(&topic, serde_json::json!({})).key(k)).await.unwrap().to_string());
+        ids.insert(
+            kurier::enqueue(
+                &db.pool,
+                &Message::json(&topic, serde_json::json!({})).key(k),
+            )
+            .await
+            .unwrap()
+            .to_string(),
+        );
     }
     let relay = start_in_process(config(&db.url, &brokers, "")).await;
     let recs = read_ids(&brokers, &topic, &ids, READ);
     let mut used = HashSet::new();
     for r in &recs {
         let key = r.key.as_deref().unwrap();
-        assert_eq!(r.partition, java_partition(key.as_bytes(), PARTITIONS), "key {key:?}");
+        assert_eq!(
+            r.partition,
+            java_partition(key.as_bytes(), PARTITIONS),
+            "key {key:?}"
+        );
         used.insert(r.partition);
     }
-    assert_eq!(used.len() as i32, PARTITIONS, "206 keys should spread over all partitions");
+    assert_eq!(
+        used.len() as i32,
+        PARTITIONS,
+        "206 keys should spread over all partitions"
+    );
     relay.stop().await;
 }
 
@@ -141,25 +240,51 @@ async fn migrate_is_idempotent_and_safe_concurrently() {
     for r in futures::future::join_all(runs).await {
         r.expect("concurrent migrate");
     }
-    kurier::schema::migrate(&url).await.expect("second migrate is a no-op");
+    kurier::schema::migrate(&url)
+        .await
+        .expect("second migrate is a no-op");
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM kurier._sqlx_migrations").fetch_one(&pool).await.unwrap();
-    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).unwrap().count() as i64;
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM kurier._sqlx_migrations")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .unwrap()
+        .count() as i64;
     assert_eq!(applied, files);
-    let in_public: Option<String> = sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations')::text").fetch_one(&pool).await.unwrap();
-    assert_eq!(in_public, None, "migration bookkeeping stays in schema kurier");
+    let in_public: Option<String> =
+        sqlx::query_scalar("SELECT to_regclass('public._sqlx_migrations')::text")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        in_public, None,
+        "migration bookkeeping stays in schema kurier"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_with_an_illegal_topic_is_dead_lettered_and_others_flow() {
     let (db, brokers, topic) = (fresh_db().await, brokers(), unique("poison"));
     create_topic(&brokers, &topic, 1).await;
-    sqlx::query("INSERT INTO kurier.outbox (topic, key, payload) VALUES ('bad topic!', 'k', '{}')").execute(&db.pool).await.unwrap();
-    let good = kurier::enqueue(&db.pool, &Message::json(&topic, serde_json::json!({})).key("k")).await.unwrap();
+    sqlx::query("INSERT INTO kurier.outbox (topic, key, payload) VALUES ('bad topic!', 'k', '{}')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let good = kurier::enqueue(
+        &db.pool,
+        &Message::json(&topic, serde_json::json!({})).key("k"),
+    )
+    .await
+    .unwrap();
     let relay = start_in_process(config(&db.url, &brokers, "")).await;
     read_ids(&brokers, &topic, &HashSet::from([good.to_string()]), READ);
     wait_drained(&db.pool, Duration::from_secs(10)).await;
-    let (topic_dl, error): (String, String) = sqlx::query_as("SELECT topic, error FROM kurier.dead_letters").fetch_one(&db.pool).await.unwrap();
+    let (topic_dl, error): (String, String) =
+        sqlx::query_as("SELECT topic, error FROM kurier.dead_letters")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
     assert_eq!(topic_dl, "bad topic!");
     assert!(error.contains("illegal topic name"), "{error}");
     relay.stop().await;

@@ -24,11 +24,17 @@ pub fn required_env(name: &str, what: &str) -> String {
 }
 
 pub fn database_url() -> String {
-    required_env("DATABASE_URL", "a real PostgreSQL server, e.g. postgres://postgres@127.0.0.1:5432/postgres")
+    required_env(
+        "DATABASE_URL",
+        "a real PostgreSQL server, e.g. postgres://postgres@127.0.0.1:5432/postgres",
+    )
 }
 
 pub fn brokers() -> String {
-    required_env("KAFKA_BROKERS", "a real Kafka-protocol broker, e.g. 127.0.0.1:9092")
+    required_env(
+        "KAFKA_BROKERS",
+        "a real Kafka-protocol broker, e.g. 127.0.0.1:9092",
+    )
 }
 
 pub fn unique(prefix: &str) -> String {
@@ -44,22 +50,35 @@ pub struct TestDb {
 pub async fn fresh_db() -> TestDb {
     let url = fresh_empty_db().await;
     kurier::schema::migrate(&url).await.expect("migrate");
-    let pool = PgPoolOptions::new().max_connections(16).connect(&url).await.expect("connect test db");
+    let pool = PgPoolOptions::new()
+        .max_connections(16)
+        .connect(&url)
+        .await
+        .expect("connect test db");
     TestDb { url, pool }
 }
 
 pub async fn fresh_empty_db() -> String {
     let base = database_url();
     let name = format!("kurier_test_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = PgConnection::connect(&base).await.unwrap_or_else(|e| panic!("cannot connect to DATABASE_URL: {e}"));
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create database");
+    let mut admin = PgConnection::connect(&base)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to DATABASE_URL: {e}"));
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .expect("create database");
     let mut url = url::Url::parse(&base).expect("DATABASE_URL is a URL");
     url.set_path(&name);
     url.to_string()
 }
 
 pub fn config(db_url: &str, brokers: &str, extra_toml: &str) -> Config {
-    let env: BTreeMap<String, String> = [("DATABASE_URL".to_string(), db_url.to_string()), ("KAFKA_BROKERS".to_string(), brokers.to_string())].into();
+    let env: BTreeMap<String, String> = [
+        ("DATABASE_URL".to_string(), db_url.to_string()),
+        ("KAFKA_BROKERS".to_string(), brokers.to_string()),
+    ]
+    .into();
     Config::from_toml(extra_toml, &env, &Overrides::default()).expect("test config")
 }
 
@@ -79,14 +98,21 @@ pub async fn start_in_process(config: Config) -> InProcess {
 impl InProcess {
     pub async fn stop(self) {
         self.cancel.cancel();
-        self.handle.await.expect("daemon task").expect("daemon result");
+        self.handle
+            .await
+            .expect("daemon task")
+            .expect("daemon result");
     }
 }
 
 /// The `kurier` binary as a child process (for SIGKILL / SIGTERM tests).
 pub fn spawn_binary(args: &[&str], env: &[(&str, &str)]) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kurier"));
-    cmd.args(args).env_remove("KURIER_CONFIG").env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::inherit());
+    cmd.args(args)
+        .env_remove("KURIER_CONFIG")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -94,17 +120,28 @@ pub fn spawn_binary(args: &[&str], env: &[(&str, &str)]) -> Child {
 }
 
 pub fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().expect("kill").success();
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill")
+        .success();
     assert!(ok, "kill -{sig} failed");
 }
 
 pub fn admin(brokers: &str) -> AdminClient<DefaultClientContext> {
-    ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client")
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client")
 }
 
 pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
     let results = admin(brokers)
-        .create_topics(&[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
         .await
         .expect("create_topics");
     for r in results {
@@ -124,10 +161,15 @@ pub struct Rec {
 
 impl Rec {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.as_deref()).map(|v| std::str::from_utf8(v).expect("utf-8 header"))
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_deref())
+            .map(|v| std::str::from_utf8(v).expect("utf-8 header"))
     }
     pub fn message_id(&self) -> &str {
-        self.header("message-id").unwrap_or_else(|| panic!("record without message-id header: {self:?}"))
+        self.header("message-id")
+            .unwrap_or_else(|| panic!("record without message-id header: {self:?}"))
     }
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(self.value.as_deref().expect("value")).expect("JSON value")
@@ -136,32 +178,53 @@ impl Rec {
 
 /// Reads a topic from the beginning of every partition (no consumer group)
 /// until `done(records)` holds; panics after `timeout` with what was read.
-pub fn read_until(brokers: &str, topic: &str, timeout: Duration, mut done: impl FnMut(&[Rec]) -> bool) -> Vec<Rec> {
+pub fn read_until(
+    brokers: &str,
+    topic: &str,
+    timeout: Duration,
+    mut done: impl FnMut(&[Rec]) -> bool,
+) -> Vec<Rec> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", unique("kurier-test-reader"))
         .set("enable.auto.commit", "false")
         .create()
         .expect("consumer");
-    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
     let partitions = md.topics()[0].partitions().len();
     assert!(partitions > 0, "topic {topic} has no partitions");
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions as i32 {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).expect("tpl");
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("tpl");
     }
     consumer.assign(&tpl).expect("assign");
     let deadline = Instant::now() + timeout;
     let mut out = Vec::new();
     while !done(&out) {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} reading {topic}: {} records so far", out.len());
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} reading {topic}: {} records so far",
+            out.len()
+        );
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => out.push(Rec {
                 partition: m.partition(),
                 offset: m.offset(),
-                key: m.key().map(|k| String::from_utf8(k.to_vec()).expect("utf-8 key")),
+                key: m
+                    .key()
+                    .map(|k| String::from_utf8(k.to_vec()).expect("utf-8 key")),
                 value: m.payload().map(<[u8]>::to_vec),
-                headers: m.headers().map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect()).unwrap_or_default(),
+                headers: m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             }),
             Some(Err(e)) => panic!("consumer error on {topic}: {e}"),
             None => {}
@@ -172,7 +235,12 @@ pub fn read_until(brokers: &str, topic: &str, timeout: Duration, mut done: impl 
 
 /// Reads until every ID in `ids` has been seen, then a short extra while
 /// (so that late phantoms or duplicates would show up too).
-pub fn read_ids(brokers: &str, topic: &str, ids: &std::collections::HashSet<String>, timeout: Duration) -> Vec<Rec> {
+pub fn read_ids(
+    brokers: &str,
+    topic: &str,
+    ids: &std::collections::HashSet<String>,
+    timeout: Duration,
+) -> Vec<Rec> {
     let mut complete_at: Option<Instant> = None;
     let mut missing = ids.clone();
     let mut processed = 0;
@@ -189,7 +257,10 @@ pub fn read_ids(brokers: &str, topic: &str, ids: &std::collections::HashSet<Stri
 }
 
 pub async fn outbox_count(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM kurier.outbox").fetch_one(pool).await.expect("count")
+    sqlx::query_scalar("SELECT count(*) FROM kurier.outbox")
+        .fetch_one(pool)
+        .await
+        .expect("count")
 }
 
 pub async fn wait_drained(pool: &PgPool, timeout: Duration) {
@@ -199,7 +270,10 @@ pub async fn wait_drained(pool: &PgPool, timeout: Duration) {
         if n == 0 {
             return;
         }
-        assert!(Instant::now() < deadline, "outbox not drained after {timeout:?}: {n} rows left");
+        assert!(
+            Instant::now() < deadline,
+            "outbox not drained after {timeout:?}: {n} rows left"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -250,14 +324,23 @@ pub fn assert_per_key_order(recs: &[Rec], expected: &BTreeMap<String, Vec<i64>>)
     for r in sorted {
         if seen.insert(r.message_id().to_owned()) {
             let seq = r.json()["seq"].as_i64().expect("seq");
-            got.entry(r.key.clone().expect("key")).or_default().push(seq);
+            got.entry(r.key.clone().expect("key"))
+                .or_default()
+                .push(seq);
         }
     }
     for (key, want) in expected {
         let have = got.get(key).cloned().unwrap_or_default();
-        assert_eq!(&have, want, "key {key}: first copies out of order or missing");
+        assert_eq!(
+            &have, want,
+            "key {key}: first copies out of order or missing"
+        );
     }
-    assert_eq!(got.len(), expected.len(), "records for keys nobody committed");
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "records for keys nobody committed"
+    );
 }
 
 /// What concurrent writers committed: every message ID, and per key the
@@ -280,11 +363,23 @@ impl Committed {
 /// `writers` tasks, each owning `keys` keys, each writing `txs` transactions of
 /// 1-3 rows through the library's `enqueue`; `rollback` of them roll back.
 /// Stops early when `stop` fires.
-pub async fn write_concurrently(pool: &PgPool, topic: &str, writers: usize, txs: usize, keys: usize, rollback: f64, stop: CancellationToken) -> Committed {
+/// `pace` is a pause after each transaction (zero = as fast as possible).
+pub async fn write_concurrently(
+    pool: &PgPool,
+    topic: &str,
+    writers: usize,
+    txs: usize,
+    keys: usize,
+    rollback: f64,
+    pace: Duration,
+    stop: CancellationToken,
+) -> Committed {
     let mut tasks = Vec::new();
     for w in 0..writers {
         let (pool, topic, stop) = (pool.clone(), topic.to_owned(), stop.clone());
-        tasks.push(tokio::spawn(async move { writer(pool, topic, w, txs, keys, rollback, stop).await }));
+        tasks.push(tokio::spawn(async move {
+            writer(pool, topic, w, txs, keys, rollback, pace, stop).await
+        }));
     }
     let mut all = Committed::default();
     for t in tasks {
@@ -293,7 +388,17 @@ pub async fn write_concurrently(pool: &PgPool, topic: &str, writers: usize, txs:
     all
 }
 
-async fn writer(pool: PgPool, topic: String, w: usize, txs: usize, keys: usize, rollback: f64, stop: CancellationToken) -> Committed {
+#[allow(clippy::too_many_arguments)]
+async fn writer(
+    pool: PgPool,
+    topic: String,
+    w: usize,
+    txs: usize,
+    keys: usize,
+    rollback: f64,
+    pace: Duration,
+    stop: CancellationToken,
+) -> Committed {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::from_os_rng();
     let mut out = Committed::default();
@@ -308,7 +413,11 @@ async fn writer(pool: PgPool, topic: String, w: usize, txs: usize, keys: usize, 
             let key = format!("w{w}-k{}", rng.random_range(0..keys));
             let s = seq.entry(key.clone()).or_default();
             *s += 1;
-            let msg = kurier::Message::json(&topic, serde_json::json!({"key": key, "seq": *s, "pad": "x".repeat(64)})).key(&key);
+            let msg = kurier::Message::json(
+                &topic,
+                serde_json::json!({"key": key, "seq": *s, "pad": "x".repeat(64)}),
+            )
+            .key(&key);
             let id = kurier::enqueue(&mut *tx, &msg).await.expect("enqueue");
             rows.push((key, *s, id.to_string()));
         }
@@ -323,6 +432,9 @@ async fn writer(pool: PgPool, topic: String, w: usize, txs: usize, keys: usize, 
                 out.ids.insert(id);
             }
         }
+        if !pace.is_zero() {
+            tokio::time::sleep(pace).await;
+        }
     }
     out
 }
@@ -334,15 +446,38 @@ pub fn assert_delivered_exactly(recs: &[Rec], committed: &Committed) {
     let mut duplicates = 0;
     for r in recs {
         let id = r.message_id();
-        assert!(!committed.rolled_back.contains(id), "phantom: rolled-back message {id} was published");
-        assert!(committed.ids.contains(id), "phantom: unknown message {id} was published: {r:?}");
+        assert!(
+            !committed.rolled_back.contains(id),
+            "phantom: rolled-back message {id} was published"
+        );
+        assert!(
+            committed.ids.contains(id),
+            "phantom: unknown message {id} was published: {r:?}"
+        );
         if let Some(first) = copies.insert(id, r) {
             duplicates += 1;
-            assert_eq!((&first.key, &first.value), (&r.key, &r.value), "duplicate of {id} differs");
+            assert_eq!(
+                (&first.key, &first.value),
+                (&r.key, &r.value),
+                "duplicate of {id} differs"
+            );
         }
     }
-    let missing: Vec<&String> = committed.ids.iter().filter(|id| !copies.contains_key(id.as_str())).collect();
-    assert!(missing.is_empty(), "lost {} committed messages, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    let missing: Vec<&String> = committed
+        .ids
+        .iter()
+        .filter(|id| !copies.contains_key(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "lost {} committed messages, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
     assert_per_key_order(recs, &committed.order);
-    eprintln!("checked {} committed messages: {} records read, {duplicates} duplicates (same message-id)", committed.ids.len(), recs.len());
+    eprintln!(
+        "checked {} committed messages: {} records read, {duplicates} duplicates (same message-id)",
+        committed.ids.len(),
+        recs.len()
+    );
 }

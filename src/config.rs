@@ -58,6 +58,8 @@ pub struct Config {
     pub database_max_connections: u32,
     pub kafka: KafkaConfig,
     pub relay: RelayConfig,
+    /// The Kafka → inbox writer; `None` when no topics are configured.
+    pub inbox: Option<InboxConfig>,
     pub http_addr: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
@@ -69,6 +71,7 @@ impl std::fmt::Debug for Config {
             .field("database_url", &redact_url(&self.database_url))
             .field("kafka", &self.kafka)
             .field("relay", &self.relay)
+            .field("inbox", &self.inbox)
             .field("http_addr", &self.http_addr)
             .finish_non_exhaustive()
     }
@@ -106,6 +109,27 @@ pub struct RelayConfig {
     pub standby_interval: Duration,
 }
 
+/// Kafka → inbox writer settings.
+#[derive(Debug, Clone)]
+pub struct InboxConfig {
+    /// The consumer name: the inbox's dedup scope and the Kafka consumer group.
+    pub consumer: String,
+    pub topics: Vec<String>,
+    /// Messages inserted per database transaction.
+    pub batch_size: u32,
+    /// How long to wait for a batch to fill before inserting what arrived.
+    pub batch_wait: Duration,
+    /// Headers tried in order for the message ID; without any of them the ID
+    /// is the record's coordinates, `topic/partition/offset`.
+    pub message_id_headers: Vec<String>,
+    /// librdkafka consumer properties (on top of `kafka.properties`).
+    pub properties: BTreeMap<String, String>,
+    /// Processed rows lose their payload and headers after this long.
+    pub prune_payload_after: Duration,
+    /// Processed rows (the dedup keys) are deleted after this long.
+    pub forget_after: Duration,
+}
+
 // ---- the file's shape -------------------------------------------------------
 
 #[derive(Debug, Default, Deserialize)]
@@ -117,6 +141,8 @@ struct RawConfig {
     kafka: RawKafka,
     #[serde(default)]
     relay: RawRelay,
+    #[serde(default)]
+    inbox: RawInbox,
     #[serde(default)]
     http: RawHttp,
     #[serde(default)]
@@ -149,6 +175,20 @@ struct RawRelay {
     retry_min_ms: Option<u64>,
     retry_max_ms: Option<u64>,
     standby_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInbox {
+    consumer: Option<String>,
+    topics: Option<Vec<String>>,
+    batch_size: Option<u32>,
+    batch_wait_ms: Option<u64>,
+    message_id_headers: Option<Vec<String>>,
+    #[serde(default)]
+    properties: BTreeMap<String, toml::Value>,
+    prune_payload_after_secs: Option<u64>,
+    forget_after_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -190,6 +230,19 @@ pub struct Overrides {
 }
 
 impl Config {
+    /// Commands that talk to Kafka call this; `migrate` and the admin
+    /// commands work with a database URL alone.
+    pub fn require_kafka(&self) -> Result<(), ConfigError> {
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "kafka.brokers",
+                "not set",
+                "set KAFKA_BROKERS or kafka.brokers, e.g. 127.0.0.1:9092",
+            ));
+        }
+        Ok(())
+    }
+
     /// Loads `path` (if any), applies the environment and the overrides, validates.
     pub fn load(
         path: Option<&Path>,
@@ -248,13 +301,7 @@ fn resolve(raw: RawConfig, env: &dyn Env, overrides: &Overrides) -> Result<Confi
     let brokers = env
         .get("KAFKA_BROKERS")
         .or(raw.kafka.brokers)
-        .ok_or_else(|| {
-            ConfigError::invalid(
-                "kafka.brokers",
-                "not set",
-                "set KAFKA_BROKERS or kafka.brokers, e.g. 127.0.0.1:9092",
-            )
-        })?;
+        .unwrap_or_default();
     let properties = kafka_properties(raw.kafka.properties, env)?;
     let http_addr = overrides
         .http_addr
@@ -266,6 +313,7 @@ fn resolve(raw: RawConfig, env: &dyn Env, overrides: &Overrides) -> Result<Confi
         None => raw.log.format.unwrap_or(LogFormat::Text),
     };
     let relay = resolve_relay(raw.relay, env)?;
+    let inbox = resolve_inbox(raw.inbox, env)?;
     Ok(Config {
         database_url,
         database_max_connections: env_num(
@@ -280,6 +328,7 @@ fn resolve(raw: RawConfig, env: &dyn Env, overrides: &Overrides) -> Result<Confi
             properties,
         },
         relay,
+        inbox,
         http_addr: http_addr.map(|a| parse_addr(&a)).transpose()?,
         log_format,
         shutdown_grace: Duration::from_millis(
@@ -365,6 +414,117 @@ fn resolve_relay(raw: RawRelay, env: &dyn Env) -> Result<RelayConfig, ConfigErro
     Ok(relay)
 }
 
+fn resolve_inbox(raw: RawInbox, env: &dyn Env) -> Result<Option<InboxConfig>, ConfigError> {
+    let list = |v: String| {
+        v.split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+    };
+    let topics = env
+        .get("KURIER_INBOX_TOPICS")
+        .map(list)
+        .or(raw.topics)
+        .unwrap_or_default();
+    if topics.is_empty() {
+        return Ok(None);
+    }
+    for t in &topics {
+        crate::outbox::validate_topic(t).map_err(|e| {
+            ConfigError::invalid(
+                "inbox.topics (KURIER_INBOX_TOPICS)",
+                e.to_string(),
+                "list existing topic names",
+            )
+        })?;
+    }
+    let consumer = env.get("KURIER_INBOX_CONSUMER").or(raw.consumer).ok_or_else(|| {
+        ConfigError::invalid("inbox.consumer (KURIER_INBOX_CONSUMER)", "not set while inbox topics are", "name the consuming service, e.g. billing; it is the dedup scope and the consumer group")
+    })?;
+    if consumer.trim().is_empty() || consumer.len() > 200 {
+        return Err(ConfigError::invalid(
+            "inbox.consumer (KURIER_INBOX_CONSUMER)",
+            "empty or longer than 200 characters",
+            "use a short service name",
+        ));
+    }
+    let secs =
+        |name: &str, key: &str, file: Option<u64>, default: u64| -> Result<Duration, ConfigError> {
+            Ok(Duration::from_secs(
+                env_num(env, name, key)?.or(file).unwrap_or(default),
+            ))
+        };
+    let mut properties = BTreeMap::new();
+    for (k, v) in raw.properties {
+        properties.insert(
+            k.clone(),
+            toml_scalar(&format!("inbox.properties.\"{k}\""), v)?,
+        );
+    }
+    properties.extend(env_properties(env, "KURIER_INBOX_PROPERTIES")?);
+    let inbox = InboxConfig {
+        consumer,
+        topics,
+        batch_size: env_num(env, "KURIER_INBOX_BATCH_SIZE", "inbox.batch_size")?
+            .or(raw.batch_size)
+            .unwrap_or(500),
+        batch_wait: Duration::from_millis(
+            env_num(env, "KURIER_INBOX_BATCH_WAIT_MS", "inbox.batch_wait_ms")?
+                .or(raw.batch_wait_ms)
+                .unwrap_or(20),
+        ),
+        message_id_headers: env
+            .get("KURIER_INBOX_MESSAGE_ID_HEADERS")
+            .map(list)
+            .or(raw.message_id_headers)
+            .unwrap_or_else(|| vec!["message-id".into()]),
+        properties,
+        prune_payload_after: secs(
+            "KURIER_INBOX_PRUNE_PAYLOAD_AFTER_SECS",
+            "inbox.prune_payload_after_secs",
+            raw.prune_payload_after_secs,
+            86_400,
+        )?,
+        forget_after: secs(
+            "KURIER_INBOX_FORGET_AFTER_SECS",
+            "inbox.forget_after_secs",
+            raw.forget_after_secs,
+            7 * 86_400,
+        )?,
+    };
+    if inbox.batch_size == 0 || inbox.batch_size > 50_000 {
+        return Err(ConfigError::invalid(
+            "inbox.batch_size",
+            format!("{} is out of range", inbox.batch_size),
+            "use a value from 1 to 50000 (default 500)",
+        ));
+    }
+    if inbox.forget_after < inbox.prune_payload_after {
+        return Err(ConfigError::invalid(
+            "inbox.forget_after_secs",
+            "shorter than inbox.prune_payload_after_secs",
+            "keep dedup keys at least as long as payloads, and longer than the topics' retention.ms",
+        ));
+    }
+    Ok(Some(inbox))
+}
+
+fn toml_scalar(key: &str, v: toml::Value) -> Result<String, ConfigError> {
+    Ok(match v {
+        toml::Value::String(s) => s,
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        other => {
+            return Err(ConfigError::invalid(
+                key,
+                format!("a {} cannot be a librdkafka property", other.type_str()),
+                "give a string, number or boolean",
+            ))
+        }
+    })
+}
+
 /// Keys Kurier sets itself because its guarantees depend on them.
 const FIXED_PROPERTIES: &[(&str, &[&str], &str)] = &[
     (
@@ -390,35 +550,34 @@ fn kafka_properties(
 ) -> Result<BTreeMap<String, String>, ConfigError> {
     let mut out = BTreeMap::new();
     for (k, v) in file {
-        let s = match v {
-            toml::Value::String(s) => s,
-            toml::Value::Integer(i) => i.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            toml::Value::Float(f) => f.to_string(),
-            other => {
-                return Err(ConfigError::invalid(
-                    &format!("kafka.properties.\"{k}\""),
-                    format!("a {} cannot be a librdkafka property", other.type_str()),
-                    "give a string, number or boolean",
-                ))
-            }
-        };
+        let s = toml_scalar(&format!("kafka.properties.\"{k}\""), v)?;
         out.insert(k, s);
     }
     // KURIER_KAFKA_PROPERTIES="linger.ms=5,compression.type=lz4" adds to or overrides the file.
-    if let Some(list) = env.get("KURIER_KAFKA_PROPERTIES") {
-        for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let (k, v) = item.split_once('=').ok_or_else(|| {
-                ConfigError::invalid(
-                    "KURIER_KAFKA_PROPERTIES",
-                    format!("`{item}` is not key=value"),
-                    "write comma-separated key=value pairs, e.g. linger.ms=5,compression.type=lz4",
-                )
-            })?;
-            out.insert(k.trim().to_owned(), v.trim().to_owned());
-        }
-    }
+    out.extend(env_properties(env, "KURIER_KAFKA_PROPERTIES")?);
     check_kafka_properties(&out)?;
+    Ok(out)
+}
+
+/// `NAME="key=value,key=value"` as a map.
+fn env_properties(env: &dyn Env, name: &str) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for item in env
+        .get(name)
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let (k, v) = item.split_once('=').ok_or_else(|| {
+            ConfigError::invalid(
+                name,
+                format!("`{item}` is not key=value"),
+                "write comma-separated key=value pairs, e.g. linger.ms=5,compression.type=lz4",
+            )
+        })?;
+        out.insert(k.trim().to_owned(), v.trim().to_owned());
+    }
     Ok(out)
 }
 
@@ -600,6 +759,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn inbox_from_environment_alone() {
+        let mut e = env(BASE);
+        e.insert("KURIER_INBOX_TOPICS".into(), "orders, payments".into());
+        let err = Config::from_toml("", &e, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("KURIER_INBOX_CONSUMER"), "{err}");
+        e.insert("KURIER_INBOX_CONSUMER".into(), "billing".into());
+        let inbox = Config::from_toml("", &e, &Overrides::default())
+            .unwrap()
+            .inbox
+            .unwrap();
+        assert_eq!(
+            (inbox.consumer.as_str(), inbox.topics.len()),
+            ("billing", 2)
+        );
+        assert_eq!(inbox.message_id_headers, vec!["message-id".to_string()]);
     }
 
     #[test]

@@ -9,9 +9,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::config::InboxConfig;
 use crate::error::Error;
 use crate::health::Health;
+use crate::inbox_writer::InboxWriter;
 use crate::relay::Relay;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
 
 /// A configured daemon whose HTTP listener (if any) is already bound.
 pub struct Daemon {
@@ -23,6 +27,7 @@ pub struct Daemon {
 impl Daemon {
     /// Binds the HTTP address, so that a port-0 address can be read back before running.
     pub async fn bind(config: Config) -> Result<Daemon, Error> {
+        config.require_kafka()?;
         let listener = match config.http_addr {
             Some(addr) => Some(TcpListener::bind(addr).await.map_err(Error::Http)?),
             None => None,
@@ -53,27 +58,85 @@ impl Daemon {
                 }
             });
         }
-        tracker.close();
-        let result = if self.config.relay.enabled {
-            let c = self.config;
-            Relay::new(
-                c.database_url,
-                c.kafka,
-                c.relay,
+        let c = self.config;
+        let mut loops: Vec<tokio::task::JoinHandle<Result<(), Error>>> = Vec::new();
+        if let Some(inbox) = c.inbox.clone() {
+            let pool = PgPoolOptions::new()
+                .max_connections(c.database_max_connections)
+                .connect_lazy(&c.database_url)?;
+            let writer = InboxWriter::new(
+                pool.clone(),
+                c.kafka.clone(),
+                inbox.clone(),
+                self.health.probe("inbox"),
+            );
+            loops.push(tracker.spawn(stop_all_on_error(
+                writer.run(cancel.clone()),
+                cancel.clone(),
+            )));
+            tracker.spawn(prune_periodically(pool, inbox, cancel.clone()));
+        }
+        if c.relay.enabled {
+            let probe = self.health.probe("relay");
+            let relay = Relay::new(
+                c.database_url.clone(),
+                c.kafka.clone(),
+                c.relay.clone(),
                 c.shutdown_grace,
-                self.health,
-            )
-            .run(cancel.clone())
-            .await
-        } else {
-            tracing::info!("relay disabled (relay.enabled = false)");
-            self.health.progress();
-            cancel.cancelled().await;
-            Ok(())
-        };
-        // A fatal error stops the HTTP server too.
+                probe,
+            );
+            loops.push(tracker.spawn(stop_all_on_error(relay.run(cancel.clone()), cancel.clone())));
+        }
+        if loops.is_empty() {
+            tracing::warn!("neither the relay nor the inbox writer is enabled; serving HTTP only");
+            self.health.set_database(true);
+        }
+        tracker.close();
+        let mut result = Ok(());
+        for handle in loops {
+            let outcome = handle.await.unwrap_or_else(|e| {
+                Err(Error::Setup {
+                    problem: format!("task panicked: {e}"),
+                    fix: "report a bug".into(),
+                })
+            });
+            if let Err(e) = outcome {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+            }
+        }
         cancel.cancel();
         tracker.wait().await;
         result
+    }
+}
+
+/// A loop that fails for good stops the daemon (and so the other loops).
+async fn stop_all_on_error(
+    work: impl std::future::Future<Output = Result<(), Error>>,
+    cancel: CancellationToken,
+) -> Result<(), Error> {
+    let result = work.await;
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "stopping: a loop failed");
+        cancel.cancel();
+    }
+    result
+}
+
+/// Inbox retention, once a minute.
+async fn prune_periodically(pool: PgPool, cfg: InboxConfig, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match crate::inbox::prune(&pool, cfg.prune_payload_after, cfg.forget_after).await {
+            Ok((0, 0)) => {}
+            Ok((pruned, deleted)) => tracing::info!(pruned, deleted, "inbox retention"),
+            Err(e) => tracing::warn!(error = %e, "inbox retention failed; will retry"),
+        }
     }
 }

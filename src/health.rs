@@ -1,8 +1,9 @@
-//! Liveness and readiness, shared between the relay (which reports) and the
+//! Liveness and readiness, shared between the loops (which report) and the
 //! HTTP endpoints (which answer probes).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Cheap to clone; all clones share one state.
@@ -13,11 +14,19 @@ pub struct Health {
 
 struct Inner {
     started: Instant,
-    /// Milliseconds since `started` of the last completed loop step.
-    last_progress_ms: AtomicU64,
+    /// Each loop's last progress, in milliseconds since `started`.
+    components: Mutex<BTreeMap<&'static str, Arc<AtomicU64>>>,
     database_ok: AtomicBool,
-    /// The loop counts as stalled after this long without progress.
+    /// A loop counts as stalled after this long without progress.
     stall_after: Duration,
+}
+
+/// One loop's progress reporter.
+#[derive(Clone)]
+pub struct Probe {
+    name: &'static str,
+    last: Arc<AtomicU64>,
+    health: Health,
 }
 
 impl Health {
@@ -25,38 +34,68 @@ impl Health {
         Health {
             inner: Arc::new(Inner {
                 started: Instant::now(),
-                last_progress_ms: AtomicU64::new(0),
+                components: Mutex::new(BTreeMap::new()),
                 database_ok: AtomicBool::new(false),
                 stall_after,
             }),
         }
     }
 
-    /// The loop completed a step: a claim that found nothing, or a batch that
-    /// was published and finished. Implies the database answered.
-    pub fn progress(&self) {
-        let ms = self.inner.started.elapsed().as_millis() as u64;
-        self.inner.last_progress_ms.store(ms, Ordering::Relaxed);
-        self.inner.database_ok.store(true, Ordering::Relaxed);
+    /// Registers a loop; readiness requires every registered loop to progress.
+    pub fn probe(&self, name: &'static str) -> Probe {
+        let last = Arc::new(AtomicU64::new(0));
+        self.inner
+            .components
+            .lock()
+            .expect("health lock")
+            .insert(name, last.clone());
+        Probe {
+            name,
+            last,
+            health: self.clone(),
+        }
     }
 
     pub fn set_database(&self, ok: bool) {
         self.inner.database_ok.store(ok, Ordering::Relaxed);
     }
 
-    /// Ready: the database answers and the loop made progress recently.
+    fn now_ms(&self) -> u64 {
+        self.inner.started.elapsed().as_millis() as u64
+    }
+
+    /// Ready: the database answers and every loop made progress recently.
     pub fn readiness(&self) -> Result<(), String> {
         if !self.inner.database_ok.load(Ordering::Relaxed) {
             return Err("database not reachable (or not yet connected)".into());
         }
-        let last = Duration::from_millis(self.inner.last_progress_ms.load(Ordering::Relaxed));
-        let idle = self.inner.started.elapsed().saturating_sub(last);
-        if idle > self.inner.stall_after {
-            return Err(format!(
-                "no progress for {:.1}s (broker or database unavailable?)",
-                idle.as_secs_f64()
-            ));
+        let now = self.now_ms();
+        for (name, last) in self.inner.components.lock().expect("health lock").iter() {
+            let idle = Duration::from_millis(now.saturating_sub(last.load(Ordering::Relaxed)));
+            if idle > self.inner.stall_after {
+                return Err(format!(
+                    "{name}: no progress for {:.1}s (broker or database unavailable?)",
+                    idle.as_secs_f64()
+                ));
+            }
         }
         Ok(())
+    }
+}
+
+impl Probe {
+    /// The loop completed a step (work done, or found nothing to do while
+    /// healthy). Implies the database answered.
+    pub fn progress(&self) {
+        self.last.store(self.health.now_ms(), Ordering::Relaxed);
+        self.health.set_database(true);
+    }
+
+    pub fn set_database(&self, ok: bool) {
+        self.health.set_database(ok);
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
     }
 }

@@ -12,7 +12,7 @@ use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
-use crate::health::Health;
+use crate::health::Probe;
 
 /// Advisory lock key of the active relay ("kurier-r").
 const RELAY_LOCK: i64 = 0x6b75_7269_6572_2d72;
@@ -27,7 +27,7 @@ pub struct Lease {
 pub async fn acquire(
     database_url: &str,
     interval: Duration,
-    health: &Health,
+    health: &Probe,
     cancel: &CancellationToken,
 ) -> Result<Option<Lease>, Error> {
     let mut announced = false;

@@ -7,6 +7,9 @@
 //!   delivery report → delete), with retries and dead letters.
 //! - [`publisher`]: the Kafka producer, the row → record mapping and error classes.
 //! - [`lease`]: which relay instance may publish (one active owner, fenced by its connection).
+//! - [`inbox`]: the inbox table: [`inbox::Processor`] runs handlers exactly once per
+//!   message ID, [`inbox::record_message`] dedups for services that consume Kafka themselves.
+//! - [`inbox_writer`]: the daemon's Kafka → inbox consumer (offsets after the DB commit).
 //! - [`schema`]: `kurier migrate`.
 //! - [`daemon`]: wires relay, HTTP endpoints and shutdown; runnable in-process.
 //! - [`http`], [`health`], [`telemetry`], [`config`], [`redact`], [`error`]: the edges.
@@ -18,6 +21,8 @@ pub mod daemon;
 pub mod error;
 pub mod health;
 pub mod http;
+pub mod inbox;
+pub mod inbox_writer;
 pub mod lease;
 pub mod outbox;
 pub mod publisher;

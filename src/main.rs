@@ -31,6 +31,29 @@ enum Command {
     Run,
     /// Validate the configuration and exit.
     Check,
+    /// Inspect and manage the inbox.
+    #[command(subcommand)]
+    Inbox(InboxCommand),
+}
+
+#[derive(Subcommand)]
+enum InboxCommand {
+    /// Per consumer: received, duplicates dropped, pending, processed, parked.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put parked messages back in line (all of a consumer's, or one).
+    Unpark {
+        #[arg(long)]
+        consumer: String,
+        /// Only this inbox row id.
+        #[arg(long)]
+        id: Option<i64>,
+    },
+    /// Apply the retention settings now (the daemon also does this every minute).
+    Prune,
 }
 
 fn main() -> ExitCode {
@@ -45,6 +68,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if matches!(cli.command, Command::Run | Command::Check) {
+        if let Err(e) = config.require_kafka() {
+            eprintln!("kurier: configuration refused: {e}");
+            return ExitCode::from(2);
+        }
+    }
     kurier::telemetry::init(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -71,6 +100,59 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Run => run(config).await?,
         Command::Check => println!("configuration ok: {config:?}"),
+        Command::Inbox(cmd) => inbox(cmd, &config).await?,
+    }
+    Ok(())
+}
+
+async fn inbox(cmd: InboxCommand, config: &Config) -> anyhow::Result<()> {
+    let pool = sqlx::PgPool::connect(&config.database_url)
+        .await
+        .context("connect to the database")?;
+    match cmd {
+        InboxCommand::Status { json } => {
+            let rows = kurier::inbox::status(&pool).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<24} {:>10} {:>10} {:>10} {:>10} {:>8} {:>12}",
+                    "consumer",
+                    "received",
+                    "duplicates",
+                    "pending",
+                    "processed",
+                    "parked",
+                    "oldest_s"
+                );
+                for r in rows {
+                    let oldest = r
+                        .oldest_pending_secs
+                        .map(|s| format!("{s:.1}"))
+                        .unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:<24} {:>10} {:>10} {:>10} {:>10} {:>8} {:>12}",
+                        r.consumer,
+                        r.received,
+                        r.duplicates,
+                        r.pending,
+                        r.processed,
+                        r.parked,
+                        oldest
+                    );
+                }
+            }
+        }
+        InboxCommand::Unpark { consumer, id } => {
+            let n = kurier::inbox::unpark(&pool, &consumer, id).await?;
+            println!("unparked {n} message(s) of consumer {consumer}");
+        }
+        InboxCommand::Prune => {
+            let cfg = config.inbox.clone().context("no inbox configured: set inbox.topics / KURIER_INBOX_TOPICS (retention settings live there)")?;
+            let (pruned, deleted) =
+                kurier::inbox::prune(&pool, cfg.prune_payload_after, cfg.forget_after).await?;
+            println!("payloads pruned: {pruned}; rows forgotten: {deleted}");
+        }
     }
     Ok(())
 }

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{KafkaConfig, RelayConfig};
 use crate::error::{explain_setup, Error};
-use crate::health::Health;
+use crate::health::Probe;
 use crate::lease::{self, Lease};
 use crate::outbox::{self, OutboxRow};
 use crate::publisher::{classify, Failure, Publisher};
@@ -44,7 +44,7 @@ pub struct Relay {
     kafka: KafkaConfig,
     cfg: RelayConfig,
     grace: Duration,
-    health: Health,
+    health: Probe,
 }
 
 impl Relay {
@@ -53,7 +53,7 @@ impl Relay {
         kafka: KafkaConfig,
         cfg: RelayConfig,
         grace: Duration,
-        health: Health,
+        health: Probe,
     ) -> Self {
         Relay {
             database_url,

@@ -110,7 +110,10 @@ pub fn spawn_binary(args: &[&str], env: &[(&str, &str)]) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kurier"));
     cmd.args(args)
         .env_remove("KURIER_CONFIG")
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("KURIER_TEST_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     for (k, v) in env {
@@ -479,5 +482,98 @@ pub fn assert_delivered_exactly(recs: &[Rec], committed: &Committed) {
         "checked {} committed messages: {} records read, {duplicates} duplicates (same message-id)",
         committed.ids.len(),
         recs.len()
+    );
+}
+
+/// A plain producer, standing in for another service (no Kurier involved).
+pub fn plain_producer(brokers: &str) -> rdkafka::producer::FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer")
+}
+
+/// Sends `value` with an optional `message-id` header and waits for the ack.
+pub async fn send_plain(
+    p: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    key: &str,
+    value: &[u8],
+    message_id: Option<&str>,
+) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let mut rec = rdkafka::producer::FutureRecord::to(topic)
+        .key(key)
+        .payload(value);
+    if let Some(id) = message_id {
+        rec = rec.headers(OwnedHeaders::new().insert(Header {
+            key: "message-id",
+            value: Some(id),
+        }));
+    }
+    p.send(rec, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce");
+}
+
+pub async fn inbox_count(pool: &PgPool, consumer: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM kurier.inbox WHERE consumer = $1")
+        .bind(consumer)
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+/// Waits until the inbox writer has seen `total` records (stored + dropped duplicates).
+pub async fn wait_inbox_seen(
+    pool: &PgPool,
+    consumer: &str,
+    total: i64,
+    timeout: Duration,
+) -> (i64, i64) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let row: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT received, duplicates FROM kurier.inbox_stats WHERE consumer = $1",
+        )
+        .bind(consumer)
+        .fetch_optional(pool)
+        .await
+        .expect("stats");
+        let (r, d) = row.unwrap_or((0, 0));
+        if r + d >= total {
+            return (r, d);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "inbox writer saw {} of {total} records within {timeout:?}",
+            r + d
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Asserts one row per expected ID for `consumer`, none missing, none extra.
+pub async fn assert_inbox_exactly(
+    pool: &PgPool,
+    consumer: &str,
+    ids: &std::collections::HashSet<String>,
+) {
+    let stored: Vec<String> =
+        sqlx::query_scalar("SELECT message_id FROM kurier.inbox WHERE consumer = $1")
+            .bind(consumer)
+            .fetch_all(pool)
+            .await
+            .expect("ids");
+    let unique: std::collections::HashSet<&String> = stored.iter().collect();
+    assert_eq!(unique.len(), stored.len(), "an ID is stored twice");
+    let missing = ids.iter().filter(|id| !unique.contains(id)).count();
+    assert_eq!(missing, 0, "{missing} message IDs missing from the inbox");
+    assert_eq!(
+        stored.len(),
+        ids.len(),
+        "unexpected extra rows in the inbox"
     );
 }

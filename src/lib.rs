@@ -5,6 +5,8 @@
 //!   for services, and the relay's claim / finish queries.
 //! - [`relay`]: the loop that moves outbox rows to Kafka (claim → publish →
 //!   delivery report → delete), with retries and dead letters.
+//! - [`dead_letter`]: rows that cannot be published: moved aside with their reason;
+//!   listed, retried or discarded by operators (`kurier dead-letters`).
 //! - [`publisher`]: the Kafka producer, the row → record mapping and error classes.
 //! - [`lease`]: which relay instance may publish (one active owner, fenced by its connection).
 //! - [`inbox`]: the inbox table: [`inbox::Processor`] runs handlers exactly once per
@@ -18,6 +20,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod dead_letter;
 pub mod error;
 pub mod health;
 pub mod http;

@@ -34,6 +34,45 @@ enum Command {
     /// Inspect and manage the inbox.
     #[command(subcommand)]
     Inbox(InboxCommand),
+    /// List, retry or discard outbox rows that could not be published.
+    #[command(subcommand, name = "dead-letters")]
+    DeadLetters(DeadLetterCommand),
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// Show dead letters with their reasons.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Move dead letters back into the outbox (same message-id).
+    Retry(Which),
+    /// Delete dead letters for good.
+    Discard(Which),
+}
+
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct Which {
+    /// Dead letter ids (as listed).
+    #[arg(long = "id", num_args = 1..)]
+    ids: Vec<i64>,
+    /// Every dead letter.
+    #[arg(long)]
+    all: bool,
+}
+
+impl Which {
+    fn selection(&self) -> kurier::dead_letter::Selection {
+        if self.all {
+            kurier::dead_letter::Selection::All
+        } else {
+            kurier::dead_letter::Selection::Ids(self.ids.clone())
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -101,6 +140,51 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Run => run(config).await?,
         Command::Check => println!("configuration ok: {config:?}"),
         Command::Inbox(cmd) => inbox(cmd, &config).await?,
+        Command::DeadLetters(cmd) => dead_letters(cmd, &config).await?,
+    }
+    Ok(())
+}
+
+async fn dead_letters(cmd: DeadLetterCommand, config: &Config) -> anyhow::Result<()> {
+    use kurier::dead_letter;
+    let pool = sqlx::PgPool::connect(&config.database_url)
+        .await
+        .context("connect to the database")?;
+    match cmd {
+        DeadLetterCommand::List { json, limit } => {
+            let rows = dead_letter::list(&pool, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:>8} {:<24} {:<16} {:>9} {:>8}  error",
+                    "id", "topic", "key", "bytes", "attempts"
+                );
+                for r in rows {
+                    let size = r
+                        .payload_size
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:>8} {:<24} {:<16} {:>9} {:>8}  {}",
+                        r.id,
+                        r.topic,
+                        r.key.unwrap_or_default(),
+                        size,
+                        r.attempts,
+                        r.error
+                    );
+                }
+            }
+        }
+        DeadLetterCommand::Retry(which) => println!(
+            "moved {} dead letter(s) back to the outbox",
+            dead_letter::retry(&pool, &which.selection()).await?
+        ),
+        DeadLetterCommand::Discard(which) => println!(
+            "discarded {} dead letter(s)",
+            dead_letter::discard(&pool, &which.selection()).await?
+        ),
     }
     Ok(())
 }

@@ -227,21 +227,6 @@ pub async fn schedule_retry(
     Ok(())
 }
 
-/// Moves a row that cannot be published to `kurier.dead_letters`, in one statement.
-pub async fn dead_letter(conn: &mut PgConnection, id: i64, error: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "WITH gone AS (DELETE FROM kurier.outbox WHERE id = $1 RETURNING *) \
-         INSERT INTO kurier.dead_letters \
-           (id, message_id, topic, key, payload, payload_bytes, headers, created_at, attempts, error) \
-         SELECT id, message_id, topic, key, payload, payload_bytes, headers, created_at, attempts + 1, $2 FROM gone",
-    )
-    .bind(id)
-    .bind(error)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,6 +21,7 @@ use sqlx::PgConnection;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{KafkaConfig, RelayConfig};
+use crate::dead_letter;
 use crate::error::{explain_setup, Error};
 use crate::health::Probe;
 use crate::lease::{self, Lease};
@@ -219,7 +220,7 @@ impl Relay {
                 }
                 Failure::Row(why) | Failure::Permanent(why) => {
                     tracing::error!(id = row.id, message_id = %row.message_id, topic = %row.topic, error = %why, "row cannot be published; moved to kurier.dead_letters");
-                    outbox::dead_letter(conn, row.id, why).await?;
+                    dead_letter::bury(conn, row.id, why).await?;
                     metrics::counter!("kurier_outbox_dead_lettered_total", "topic" => row.topic.clone()).increment(1);
                 }
             }

@@ -52,7 +52,8 @@ async fn sigkill_mid_batch_and_restart_loses_nothing() {
     let committed = writers.await.unwrap();
     let left_after_kills = outbox_count(&db.pool).await;
     let published_while_killed = committed.ids.len() as i64 - left_after_kills;
-    assert!(published_while_killed * 4 > committed.ids.len() as i64, "the killed relays must have been publishing: only {published_while_killed} of {} rows left the outbox", committed.ids.len());
+    // At least a few batches of 50 went out while relays were being killed.
+    assert!(published_while_killed >= 250, "the killed relays must have been publishing: only {published_while_killed} of {} rows left the outbox", committed.ids.len());
     assert!(
         committed.ids.len() > 500,
         "writers committed too little to mean anything: {}",
@@ -224,4 +225,45 @@ async fn shutdown_with_broker_down_respects_grace_and_second_signal() {
     );
     assert_eq!(status.code(), Some(130), "{status}");
     assert_eq!(outbox_count(&db.pool).await, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_cli_lists_retries_and_discards() {
+    let db = fresh_db().await;
+    for i in 0..3 {
+        sqlx::query("INSERT INTO kurier.dead_letters (id, message_id, topic, key, payload, headers, created_at, attempts, error) VALUES ($1, gen_random_uuid(), 'orders', 'k', '{}', '{}', now(), 1, 'illegal topic name')")
+            .bind(100 + i)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kurier"))
+            .args(args)
+            .env("DATABASE_URL", &db.url)
+            .env_remove("KAFKA_BROKERS")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listed: serde_json::Value =
+        serde_json::from_str(&cli(&["dead-letters", "list", "--json"])).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 3);
+    assert_eq!(listed[0]["error"], "illegal topic name");
+    assert!(cli(&["dead-letters", "retry", "--id", "100"]).contains("moved 1"));
+    assert_eq!(
+        outbox_count(&db.pool).await,
+        1,
+        "retried row is back in the outbox"
+    );
+    assert!(cli(&["dead-letters", "discard", "--all"]).contains("discarded 2"));
+    assert!(
+        cli(&["dead-letters", "list"]).lines().count() == 1,
+        "only the header line is left"
+    );
 }

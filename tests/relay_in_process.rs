@@ -264,28 +264,89 @@ async fn migrate_is_idempotent_and_safe_concurrently() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_row_with_an_illegal_topic_is_dead_lettered_and_others_flow() {
+async fn poison_rows_are_dead_lettered_and_good_rows_flow_in_order() {
     let (db, brokers, topic) = (fresh_db().await, brokers(), unique("poison"));
-    create_topic(&brokers, &topic, 1).await;
-    sqlx::query("INSERT INTO kurier.outbox (topic, key, payload) VALUES ('bad topic!', 'k', '{}')")
+    create_topic(&brokers, &topic, 2).await;
+    let mut good = Vec::new();
+    for i in 0..30 {
+        let key = format!("k{}", i % 3);
+        match i {
+            // Illegal topic name, and a 3 MB record (over message.max.bytes), on the same keys as good rows.
+            7 => {
+                sqlx::query("INSERT INTO kurier.outbox (topic, key, payload) VALUES ('bad topic!', $1, '{}')").bind(&key).execute(&db.pool).await.unwrap();
+            }
+            13 => {
+                let big = serde_json::json!({ "blob": "x".repeat(3 * 1024 * 1024) });
+                kurier::enqueue(&db.pool, &Message::json(&topic, big).key(&key))
+                    .await
+                    .unwrap();
+            }
+            14 => {
+                sqlx::query("INSERT INTO kurier.outbox (topic, key, payload, headers) VALUES ($1, $2, '{}', '{\"n\": 1}')").bind(&topic).bind(&key).execute(&db.pool).await.unwrap();
+            }
+            _ => {
+                let id = kurier::enqueue(
+                    &db.pool,
+                    &Message::json(&topic, serde_json::json!({ "seq": i })).key(&key),
+                )
+                .await
+                .unwrap();
+                good.push((key, i as i64, id.to_string()));
+            }
+        }
+    }
+    let relay = start_in_process(config(&db.url, &brokers, "")).await;
+    let ids: HashSet<String> = good.iter().map(|g| g.2.clone()).collect();
+    let recs = read_ids(&brokers, &topic, &ids, READ);
+    let mut order = std::collections::BTreeMap::new();
+    for (key, seq, _) in &good {
+        order.entry(key.clone()).or_insert_with(Vec::new).push(*seq);
+    }
+    assert_eq!(recs.len(), good.len(), "only the good rows are published");
+    assert_per_key_order(&recs, &order);
+    wait_drained(&db.pool, Duration::from_secs(10)).await;
+    let dead: Vec<(String, String)> =
+        sqlx::query_as("SELECT topic, error FROM kurier.dead_letters ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    assert!(
+        dead[0].0 == "bad topic!" && dead[0].1.contains("illegal topic name"),
+        "{dead:?}"
+    );
+    assert!(
+        dead[1].1.contains("MessageSizeTooLarge") || dead[1].1.contains("too large"),
+        "{:?}",
+        dead[1].1
+    );
+    assert!(dead[2].1.contains("header `n`"), "{:?}", dead[2].1);
+    assert!(!relay.handle.is_finished(), "the daemon stays up");
+
+    // Operators: list, retry (the bad-header row, after fixing it), discard the rest.
+    let listed = kurier::dead_letter::list(&db.pool, 10).await.unwrap();
+    assert_eq!(listed.len(), 3);
+    assert!(listed[1].payload_size.unwrap() > 3_000_000);
+    sqlx::query("UPDATE kurier.dead_letters SET headers = '{\"n\": \"1\"}' WHERE id = $1")
+        .bind(listed[2].id)
         .execute(&db.pool)
         .await
         .unwrap();
-    let good = kurier::enqueue(
+    let retried = kurier::dead_letter::retry(
         &db.pool,
-        &Message::json(&topic, serde_json::json!({})).key("k"),
+        &kurier::dead_letter::Selection::Ids(vec![listed[2].id]),
     )
     .await
     .unwrap();
-    let relay = start_in_process(config(&db.url, &brokers, "")).await;
-    read_ids(&brokers, &topic, &HashSet::from([good.to_string()]), READ);
+    assert_eq!(retried, 1);
+    let fixed = listed[2].message_id.to_string();
+    read_ids(&brokers, &topic, &HashSet::from([fixed]), READ);
     wait_drained(&db.pool, Duration::from_secs(10)).await;
-    let (topic_dl, error): (String, String) =
-        sqlx::query_as("SELECT topic, error FROM kurier.dead_letters")
-            .fetch_one(&db.pool)
+    assert_eq!(
+        kurier::dead_letter::discard(&db.pool, &kurier::dead_letter::Selection::All)
             .await
-            .unwrap();
-    assert_eq!(topic_dl, "bad topic!");
-    assert!(error.contains("illegal topic name"), "{error}");
+            .unwrap(),
+        2
+    );
     relay.stop().await;
 }

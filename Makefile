@@ -13,6 +13,9 @@ run: build
 test:
 	scripts/test.sh
 
+bench:
+	scripts/bench.sh
+
 fmt:
 	cargo fmt --all
 

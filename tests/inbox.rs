@@ -480,3 +480,40 @@ async fn plain_sql_claims_skip_locked_rows_and_ordered_claims_keep_key_order() {
         .unwrap();
     assert_eq!(ids(&next), vec!["k1-2", "k2-2"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_payloads_then_forgets_dedup_keys() {
+    let db = fresh_db().await;
+    seed(
+        &db.pool,
+        "c",
+        &[("old", "k"), ("recent", "k"), ("pending", "k")],
+    )
+    .await;
+    sqlx::query("UPDATE kurier.inbox SET processed_at = now() - interval '10 days' WHERE message_id = 'old'").execute(&db.pool).await.unwrap();
+    sqlx::query("UPDATE kurier.inbox SET processed_at = now() - interval '2 days' WHERE message_id = 'recent'").execute(&db.pool).await.unwrap();
+    let (pruned, deleted) = inbox::prune(
+        &db.pool,
+        Duration::from_secs(86_400),
+        Duration::from_secs(7 * 86_400),
+    )
+    .await
+    .unwrap();
+    assert_eq!((pruned, deleted), (1, 1));
+    let rows: Vec<(String, bool)> =
+        sqlx::query_as("SELECT message_id, payload IS NULL FROM kurier.inbox ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        vec![("recent".to_string(), true), ("pending".to_string(), false)],
+        "payload pruned, dedup key kept; pending untouched"
+    );
+    // The pruned row still deduplicates; the forgotten one no longer does (the documented trade-off).
+    let mut tx = db.pool.begin().await.unwrap();
+    assert!(!inbox::record_message(&mut *tx, "c", "recent")
+        .await
+        .unwrap());
+    assert!(inbox::record_message(&mut *tx, "c", "old").await.unwrap());
+}

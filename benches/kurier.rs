@@ -1,0 +1,481 @@
+//! `make bench`: figures measured side by side in one run, against the same
+//! PostgreSQL and the same broker, so that ratios hold on a noisy machine.
+//! Needs DATABASE_URL, KAFKA_BROKERS (scripts/bench.sh provides both).
+//! BENCH_N (default 200000) sets the number of drained messages.
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kurier::config::KafkaConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+
+type Figures = BTreeMap<&'static str, f64>;
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set; run `make bench`"))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let n: usize = std::env::var("BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let (base, brokers) = (env("DATABASE_URL"), env("KAFKA_BROKERS"));
+    let kurier = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/kurier");
+    let mut f = Figures::new();
+    eprintln!("bench: N = {n}, payload ~200 bytes, 1000 keys");
+
+    let db = fresh_db(&base, "drain").await;
+    f.insert("pg_batched_insert_rows_per_s", prefill(&db, n).await);
+    drain(&db, &brokers, kurier, n, &mut f).await;
+    f.insert("raw_producer_msgs_per_s", raw_producer(&brokers, n).await);
+    f.insert(
+        "relay_vs_raw",
+        f["relay_drain_msgs_per_s"] / f["raw_producer_msgs_per_s"],
+    );
+    f.insert(
+        "relay_vs_pg_insert",
+        f["relay_drain_msgs_per_s"] / f["pg_batched_insert_rows_per_s"],
+    );
+
+    for notify in [false, true] {
+        let db = fresh_db(&base, "latency").await;
+        if notify {
+            install_notify(&db).await;
+        }
+        latency(&db, &brokers, kurier, notify, &mut f).await;
+    }
+    notify_cost(&base, &mut f).await;
+    inbox_vs_raw_consumer(&base, &brokers, kurier, (n / 4).max(1000), &mut f).await;
+    report(&f);
+}
+
+async fn fresh_db(base: &str, what: &str) -> String {
+    let name = format!("kurier_bench_{what}_{}", uuid::Uuid::new_v4().simple());
+    let mut c = PgConnection::connect(base).await.expect("DATABASE_URL");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut c)
+        .await
+        .unwrap();
+    let mut url = url::Url::parse(base).unwrap();
+    url.set_path(&name);
+    kurier::schema::migrate(url.as_str()).await.unwrap();
+    url.to_string()
+}
+
+async fn new_topic(brokers: &str, prefix: &str, partitions: i32) -> String {
+    let topic = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    for r in admin
+        .create_topics(
+            &[NewTopic::new(
+                &topic,
+                partitions,
+                TopicReplication::Fixed(1),
+            )],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    topic
+}
+
+fn payload(i: usize) -> serde_json::Value {
+    serde_json::json!({"type": "OrderPlaced", "order": i, "customer": format!("customer-{}", i % 1000), "total_cents": i % 10_000, "note": "x".repeat(100)})
+}
+
+/// Batched INSERTs from a client (1,000 rows per statement): what PostgreSQL
+/// can commit into the outbox, the floor the relay must not fall below.
+async fn prefill(db: &str, n: usize) -> f64 {
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(db)
+        .await
+        .unwrap();
+    let topic = "bench-drain-placeholder";
+    let t = Instant::now();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let keys: Vec<String> = chunk.iter().map(|i| format!("key-{}", i % 1000)).collect();
+        let payloads: Vec<serde_json::Value> = chunk.iter().map(|i| payload(*i)).collect();
+        sqlx::query("INSERT INTO kurier.outbox (topic, key, payload) SELECT $1, k, p FROM unnest($2::text[], $3::jsonb[]) AS u(k, p)")
+            .bind(topic)
+            .bind(&keys)
+            .bind(&payloads)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+struct Daemon(Child);
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(kurier: &str, env: &[(&str, &str)]) -> Daemon {
+    let mut c = Command::new(kurier);
+    c.arg("run").env("RUST_LOG", "warn").stdout(Stdio::null());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    Daemon(c.spawn().expect("spawn kurier"))
+}
+
+/// (utime + stime seconds, peak RSS KiB) of a process, from /proc.
+fn proc_usage(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = 100.0; // USER_HZ on Linux
+    let cpu = fields
+        .get(11)
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (cpu / ticks, hwm)
+}
+
+async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// The relay drains N pre-filled rows: time until the outbox is empty, i.e.
+/// until every row's delivery report came back and its row was deleted.
+async fn drain(db: &str, brokers: &str, kurier: &str, n: usize, f: &mut Figures) {
+    let pool = PgPool::connect(db).await.unwrap();
+    let topic = new_topic(brokers, "bench-drain", 6).await;
+    sqlx::query("UPDATE kurier.outbox SET topic = $1")
+        .bind(&topic)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("VACUUM ANALYZE kurier.outbox")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let d = spawn(kurier, &[("DATABASE_URL", db), ("KAFKA_BROKERS", brokers)]);
+    while count(&pool, "SELECT count(*) FROM kurier.outbox").await > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let (cpu, rss_kib) = proc_usage(d.0.id());
+    f.insert("relay_drain_msgs_per_s", n as f64 / secs);
+    f.insert("relay_cpu_s_per_100k", cpu * 100_000.0 / n as f64);
+    f.insert("relay_peak_rss_mib", rss_kib as f64 / 1024.0);
+    // Idle: statements per second the relay sends when there is nothing to do.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let xacts = |pool: PgPool| async move {
+        count(&pool, "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = current_database()").await
+    };
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let before = xacts(pool.clone()).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let after = xacts(pool.clone()).await;
+    // Our own two measuring statements count too; subtract them.
+    f.insert(
+        "relay_idle_db_xacts_per_s",
+        ((after - before - 2).max(0)) as f64 / 5.0,
+    );
+    drop(d);
+}
+
+/// The same N messages from memory through a plain producer with the relay's settings.
+async fn raw_producer(brokers: &str, n: usize) -> f64 {
+    let topic = new_topic(brokers, "bench-raw", 6).await;
+    raw_producer_to(brokers, &topic, n).await
+}
+
+async fn install_notify(db: &str) {
+    let pool = PgPool::connect(db).await.unwrap();
+    sqlx::query("CREATE TRIGGER outbox_notify AFTER INSERT ON kurier.outbox FOR EACH STATEMENT EXECUTE FUNCTION kurier.notify_outbox()").execute(&pool).await.unwrap();
+}
+
+/// Single-row transactions at 200/s for 10 s; commit-to-consume latency.
+async fn latency(db: &str, brokers: &str, kurier: &str, notify: bool, f: &mut Figures) {
+    let topic = new_topic(brokers, "bench-latency", 1).await;
+    let d = spawn(kurier, &[("DATABASE_URL", db), ("KAFKA_BROKERS", brokers)]);
+    let pool = PgPool::connect(db).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let committed: Arc<Mutex<HashMap<String, Instant>>> = Default::default();
+    let received: Arc<Mutex<HashMap<String, Instant>>> = Default::default();
+    let total = 2000;
+    let reader = {
+        let (brokers, topic, received) = (brokers.to_owned(), topic.clone(), received.clone());
+        std::thread::spawn(move || {
+            consume(&brokers, &topic, total, |id| {
+                received.lock().unwrap().insert(id, Instant::now());
+            })
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await; // the reader is assigned
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    for i in 0..total {
+        tick.tick().await;
+        let mut tx = pool.begin().await.unwrap();
+        let id = kurier::enqueue(
+            &mut *tx,
+            &kurier::Message::json(&topic, payload(i)).key(format!("key-{}", i % 1000)),
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        committed
+            .lock()
+            .unwrap()
+            .insert(id.to_string(), Instant::now());
+    }
+    reader.join().unwrap();
+    let c = committed.lock().unwrap();
+    let r = received.lock().unwrap();
+    let mut lat: Vec<f64> = c
+        .iter()
+        .filter_map(|(id, t)| {
+            r.get(id)
+                .map(|rt| rt.saturating_duration_since(*t).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize];
+    let (p50, p99) = if notify {
+        ("latency_notify_p50_ms", "latency_notify_p99_ms")
+    } else {
+        ("latency_poll_p50_ms", "latency_poll_p99_ms")
+    };
+    f.insert(p50, pct(0.50));
+    f.insert(p99, pct(0.99));
+    drop(d);
+}
+
+/// Reads `total` records of a one-topic assignment, calling `seen` with each message-id.
+fn consume(brokers: &str, topic: &str, total: usize, mut seen: impl FnMut(String)) -> f64 {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("bench-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .create()
+        .unwrap();
+    let parts = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap()
+        .topics()[0]
+        .partitions()
+        .len();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..parts as i32 {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let (mut n, t, deadline) = (0, Instant::now(), Instant::now() + Duration::from_secs(600));
+    while n < total && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+            let id = m
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "message-id"))
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default();
+            seen(id);
+            n += 1;
+        }
+    }
+    assert_eq!(n, total, "consumer read {n} of {total} records");
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+/// 8 concurrent writers of single-row transactions, with and without the NOTIFY trigger.
+async fn notify_cost(base: &str, f: &mut Figures) {
+    let mut tps = [0.0; 2];
+    for (i, notify) in [false, true].into_iter().enumerate() {
+        let db = fresh_db(base, "notify").await;
+        if notify {
+            install_notify(&db).await;
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&db)
+            .await
+            .unwrap();
+        let stop = Instant::now() + Duration::from_secs(5);
+        let mut tasks = Vec::new();
+        for w in 0..8 {
+            let pool = pool.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                while Instant::now() < stop {
+                    let mut tx = pool.begin().await.unwrap();
+                    kurier::enqueue(
+                        &mut *tx,
+                        &kurier::Message::json("t", payload(n as usize)).key(format!("w{w}")),
+                    )
+                    .await
+                    .unwrap();
+                    tx.commit().await.unwrap();
+                    n += 1;
+                }
+                n
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap();
+        }
+        tps[i] = total as f64 / 5.0;
+    }
+    f.insert("writers8_tps_without_notify", tps[0]);
+    f.insert("writers8_tps_with_notify", tps[1]);
+    f.insert("notify_cost_ratio", tps[1] / tps[0]);
+}
+
+/// A raw consumer and the inbox writer read the same topic.
+async fn inbox_vs_raw_consumer(base: &str, brokers: &str, kurier: &str, n: usize, f: &mut Figures) {
+    let topic = new_topic(brokers, "bench-inbox", 4).await;
+    raw_producer_to(brokers, &topic, n).await;
+    let (b, t) = (brokers.to_owned(), topic.clone());
+    let raw_rate = tokio::task::spawn_blocking(move || consume(&b, &t, n, |_| {}))
+        .await
+        .unwrap();
+    let db = fresh_db(base, "inbox").await;
+    let pool = PgPool::connect(&db).await.unwrap();
+    let start = Instant::now();
+    let d = spawn(
+        kurier,
+        &[
+            ("DATABASE_URL", &db),
+            ("KAFKA_BROKERS", brokers),
+            ("KURIER_RELAY_ENABLED", "false"),
+            ("KURIER_INBOX_TOPICS", &topic),
+            ("KURIER_INBOX_CONSUMER", "bench"),
+        ],
+    );
+    // The raw reader uses assign(); the inbox writer first joins a consumer
+    // group. Time the ingest from its first stored row, and the join apart.
+    let mut first: Option<Instant> = None;
+    loop {
+        let stored = count(&pool, "SELECT count(*) FROM kurier.inbox").await;
+        if stored > 0 && first.is_none() {
+            first = Some(Instant::now());
+        }
+        if stored >= n as i64 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "inbox ingest stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let first = first.expect("rows were stored");
+    let inbox_rate = n as f64 / first.elapsed().as_secs_f64();
+    f.insert(
+        "inbox_group_join_s",
+        first.duration_since(start).as_secs_f64(),
+    );
+    let (cpu, rss) = proc_usage(d.0.id());
+    drop(d);
+    f.insert("raw_consumer_msgs_per_s", raw_rate);
+    f.insert("inbox_ingest_msgs_per_s", inbox_rate);
+    f.insert("inbox_vs_raw", inbox_rate / raw_rate);
+    f.insert("inbox_cpu_s_per_100k", cpu * 100_000.0 / n as f64);
+    f.insert("inbox_peak_rss_mib", rss as f64 / 1024.0);
+}
+
+/// Sends n messages (the bench's payloads and keys, a message-id header each) and waits for every ack.
+async fn raw_producer_to(brokers: &str, topic: &str, n: usize) -> f64 {
+    let producer: FutureProducer = kurier::publisher::client_config(&KafkaConfig {
+        brokers: brokers.to_owned(),
+        properties: Default::default(),
+    })
+    .create()
+    .unwrap();
+    let t = Instant::now();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let mut reports = Vec::new();
+        for i in chunk {
+            let id = uuid::Uuid::new_v4().to_string();
+            let v = payload(*i).to_string();
+            let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                key: "message-id",
+                value: Some(&id),
+            });
+            reports.push(
+                producer
+                    .send_result(
+                        FutureRecord::to(topic)
+                            .key(&format!("key-{}", i % 1000))
+                            .payload(&v)
+                            .headers(headers),
+                    )
+                    .map_err(|(e, _)| e)
+                    .unwrap(),
+            );
+        }
+        for r in reports {
+            r.await.unwrap().map_err(|(e, _)| e).unwrap();
+        }
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+fn report(f: &Figures) {
+    println!("\n{:<32} {:>14}", "figure", "value");
+    for (k, v) in f {
+        println!("{k:<32} {v:>14.2}");
+    }
+    let json: serde_json::Map<String, serde_json::Value> = f
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                serde_json::json!((v * 100.0).round() / 100.0),
+            )
+        })
+        .collect();
+    println!("BENCH_JSON {}", serde_json::Value::Object(json));
+}

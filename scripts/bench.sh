@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# `make bench`: starts PostgreSQL (or uses 127.0.0.1:5432) and a fresh Tansu,
+# builds in release mode and runs benches/kurier.rs, which prints a table and a
+# BENCH_JSON line. BENCH_N sets the drained message count (default 200000).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+scripts/setup.sh
+export DATABASE_URL=${DATABASE_URL:-$(scripts/database.sh postgres)}
+port=${KAFKA_BENCH_PORT:-19093}
+if [ -z "${KAFKA_BROKERS:-}" ]; then
+  scripts/broker.sh stop .state/bench-broker
+  scripts/broker.sh start "$port" .state/bench-broker
+  export KAFKA_BROKERS=127.0.0.1:$port
+  trap 'scripts/broker.sh stop .state/bench-broker' EXIT
+fi
+psql -qAt "$DATABASE_URL" -c "SELECT datname FROM pg_database WHERE datname LIKE 'kurier\_bench\_%'" |
+  while read -r db; do psql -q "$DATABASE_URL" -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)"; done
+cargo build --release --bin kurier
+echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
+cargo bench --bench kurier

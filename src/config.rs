@@ -101,6 +101,9 @@ impl std::fmt::Debug for KafkaConfig {
 pub struct RelayConfig {
     pub enabled: bool,
     pub batch_size: u32,
+    /// Payload bytes per batch (approximate, at least one row): bounds memory
+    /// whatever the row sizes.
+    pub max_batch_bytes: u64,
     pub poll_interval: Duration,
     pub max_attempts: u32,
     pub retry_min: Duration,
@@ -170,6 +173,7 @@ struct RawKafka {
 struct RawRelay {
     enabled: Option<bool>,
     batch_size: Option<u32>,
+    max_batch_bytes: Option<u64>,
     poll_interval_ms: Option<u64>,
     max_attempts: Option<u32>,
     retry_min_ms: Option<u64>,
@@ -354,7 +358,10 @@ fn resolve_relay(raw: RawRelay, env: &dyn Env) -> Result<RelayConfig, ConfigErro
         enabled,
         batch_size: env_num(env, "KURIER_RELAY_BATCH_SIZE", "relay.batch_size")?
             .or(raw.batch_size)
-            .unwrap_or(1000),
+            .unwrap_or(5000),
+        max_batch_bytes: env_num(env, "KURIER_RELAY_MAX_BATCH_BYTES", "relay.max_batch_bytes")?
+            .or(raw.max_batch_bytes)
+            .unwrap_or(16 * 1024 * 1024),
         poll_interval: ms(
             "KURIER_RELAY_POLL_INTERVAL_MS",
             "relay.poll_interval_ms",
@@ -387,7 +394,7 @@ fn resolve_relay(raw: RawRelay, env: &dyn Env) -> Result<RelayConfig, ConfigErro
         return Err(ConfigError::invalid(
             "relay.batch_size",
             format!("{} is out of range", relay.batch_size),
-            "use a value from 1 to 50000 (default 1000)",
+            "use a value from 1 to 50000 (default 5000)",
         ));
     }
     if relay.poll_interval.is_zero() {
@@ -689,7 +696,7 @@ mod tests {
     fn environment_alone_is_enough() {
         let c = Config::from_toml("", &env(BASE), &Overrides::default()).unwrap();
         assert_eq!(c.kafka.brokers, "b:9092");
-        assert_eq!(c.relay.batch_size, 1000);
+        assert_eq!(c.relay.batch_size, 5000);
         assert!(c.http_addr.is_none());
     }
 
@@ -785,7 +792,7 @@ mod tests {
     fn example_file_parses_and_documents_every_variable() {
         let example = include_str!("../config.example.toml");
         let c = Config::from_toml(example, &BTreeMap::new(), &Overrides::default()).unwrap();
-        assert_eq!(c.relay.batch_size, 1000);
+        assert_eq!(c.relay.batch_size, 5000);
         let source = include_str!("config.rs");
         for name in source.split('"').filter(|s| {
             s.starts_with("KURIER_") && s.chars().all(|c| c.is_ascii_uppercase() || c == '_')

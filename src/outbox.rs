@@ -178,20 +178,30 @@ impl OutboxRow {
 /// Oldest rows first. A row waiting for a retry holds back the later rows of
 /// its topic and key (probing the small partial index `outbox_retrying`), so
 /// a retry never lets a key's later message overtake an earlier one.
-const CLAIM: &str =
-    "SELECT o.id, o.message_id, o.topic, o.key, o.payload::text AS payload_text, o.payload_bytes, \
-            o.headers::text AS headers, o.attempts \
-     FROM kurier.outbox o \
-     WHERE (o.retry_at IS NULL OR o.retry_at <= now()) \
-       AND NOT EXISTS (SELECT 1 FROM kurier.outbox r \
-                       WHERE r.retry_at > now() AND r.topic = o.topic \
-                         AND r.key IS NOT DISTINCT FROM o.key AND r.id < o.id) \
-     ORDER BY o.id LIMIT $1";
+///
+/// The outer query keeps rows while the running payload size stays under
+/// `$2` bytes (always at least one row), so a batch of large rows stays small.
+const CLAIM: &str = "SELECT id, message_id, topic, key, payload::text AS payload_text, payload_bytes, headers::text AS headers, attempts \
+     FROM (SELECT lim.*, sum(lim.size) OVER (ORDER BY lim.id ROWS UNBOUNDED PRECEDING) AS running \
+           FROM (SELECT o.*, coalesce(pg_column_size(o.payload), 0) + coalesce(octet_length(o.payload_bytes), 0) AS size \
+                 FROM kurier.outbox o \
+                 WHERE (o.retry_at IS NULL OR o.retry_at <= now()) \
+                   AND NOT EXISTS (SELECT 1 FROM kurier.outbox r \
+                                   WHERE r.retry_at > now() AND r.topic = o.topic \
+                                     AND r.key IS NOT DISTINCT FROM o.key AND r.id < o.id) \
+                 ORDER BY o.id LIMIT $1) lim) b \
+     WHERE running - size < $2 \
+     ORDER BY id";
 
 /// Reads the next batch. Runs on the lease connection, so only the active relay claims.
-pub async fn claim(conn: &mut PgConnection, limit: u32) -> Result<Vec<OutboxRow>, sqlx::Error> {
+pub async fn claim(
+    conn: &mut PgConnection,
+    limit: u32,
+    max_bytes: u64,
+) -> Result<Vec<OutboxRow>, sqlx::Error> {
     sqlx::query_as(CLAIM)
         .bind(i64::from(limit))
+        .bind(max_bytes as i64)
         .fetch_all(conn)
         .await
 }

@@ -102,9 +102,13 @@ impl Relay {
         let mut listener = self.listen().await;
         let mut pause = self.backoff();
         while !cancel.is_cancelled() {
-            let rows = outbox::claim(&mut lease.conn, self.cfg.batch_size)
-                .await
-                .map_err(explain_setup)?;
+            let rows = outbox::claim(
+                &mut lease.conn,
+                self.cfg.batch_size,
+                self.cfg.max_batch_bytes,
+            )
+            .await
+            .map_err(explain_setup)?;
             if rows.is_empty() {
                 self.health.progress();
                 self.idle(&mut listener, cancel).await;

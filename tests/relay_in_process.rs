@@ -61,7 +61,12 @@ async fn rolled_back_transactions_never_publish() {
 async fn concurrent_writers_with_rollbacks_all_delivered_in_key_order() {
     let (db, brokers, topic) = (fresh_db().await, brokers(), unique("concurrent"));
     create_topic(&brokers, &topic, 4).await;
-    let relay = start_in_process(config(&db.url, &brokers, "[relay]\nbatch_size = 200\n")).await;
+    let relay = start_in_process(config(
+        &db.url,
+        &brokers,
+        "[relay]\nbatch_size = 200\nmax_batch_bytes = 4096\n",
+    ))
+    .await;
     let committed = write_concurrently(
         &db.pool,
         &topic,
@@ -349,4 +354,39 @@ async fn poison_rows_are_dead_lettered_and_good_rows_flow_in_order() {
         2
     );
     relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_is_bounded_by_bytes_as_well_as_rows() {
+    let db = fresh_db().await;
+    for i in 0..10 {
+        kurier::enqueue(
+            &db.pool,
+            &Message::json("t", serde_json::json!({ "i": i, "blob": "y".repeat(1000) })).key("k"),
+        )
+        .await
+        .unwrap();
+    }
+    let mut conn = db.pool.acquire().await.unwrap();
+    let ids = |rows: Vec<kurier::outbox::OutboxRow>| rows.iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(kurier::outbox::claim(&mut conn, 100, 1 << 30)
+            .await
+            .unwrap())
+        .len(),
+        10
+    );
+    assert_eq!(
+        ids(kurier::outbox::claim(&mut conn, 4, 1 << 30).await.unwrap()).len(),
+        4
+    );
+    // ~1 KB rows under a 2,500-byte budget: the rows that start below the budget, in id order.
+    let some = ids(kurier::outbox::claim(&mut conn, 100, 2500).await.unwrap());
+    assert!((2..=3).contains(&some.len()), "{some:?}");
+    assert!(some.windows(2).all(|w| w[0] < w[1]));
+    // A single row larger than the budget still goes out alone.
+    assert_eq!(
+        ids(kurier::outbox::claim(&mut conn, 100, 1).await.unwrap()).len(),
+        1
+    );
 }

@@ -108,8 +108,9 @@ pub struct RelayConfig {
     pub max_attempts: u32,
     pub retry_min: Duration,
     pub retry_max: Duration,
-    /// How often a standby instance tries to become the active relay.
-    pub standby_interval: Duration,
+    /// How long a relay's partition leases last without a heartbeat; a
+    /// stalled relay is fenced out after this long.
+    pub lease_ttl: Duration,
 }
 
 /// Kafka → inbox writer settings.
@@ -178,7 +179,7 @@ struct RawRelay {
     max_attempts: Option<u32>,
     retry_min_ms: Option<u64>,
     retry_max_ms: Option<u64>,
-    standby_interval_ms: Option<u64>,
+    lease_ttl_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -383,11 +384,11 @@ fn resolve_relay(raw: RawRelay, env: &dyn Env) -> Result<RelayConfig, ConfigErro
             raw.retry_max_ms,
             30_000,
         )?,
-        standby_interval: ms(
-            "KURIER_RELAY_STANDBY_INTERVAL_MS",
-            "relay.standby_interval_ms",
-            raw.standby_interval_ms,
-            1000,
+        lease_ttl: ms(
+            "KURIER_RELAY_LEASE_TTL_MS",
+            "relay.lease_ttl_ms",
+            raw.lease_ttl_ms,
+            10_000,
         )?,
     };
     if relay.batch_size == 0 || relay.batch_size > 50_000 {
@@ -409,6 +410,13 @@ fn resolve_relay(raw: RawRelay, env: &dyn Env) -> Result<RelayConfig, ConfigErro
             "relay.max_attempts",
             "0 leaves no attempt",
             "use at least 1 (default 10)",
+        ));
+    }
+    if relay.lease_ttl < Duration::from_millis(300) {
+        return Err(ConfigError::invalid(
+            "relay.lease_ttl_ms",
+            "below 300 ms: heartbeats could not keep up",
+            "use at least 300 (default 10000)",
         ));
     }
     if relay.retry_min > relay.retry_max {

@@ -175,7 +175,7 @@ impl OutboxRow {
     }
 }
 
-/// Oldest rows first. A row waiting for a retry holds back the later rows of
+/// Oldest rows first, of this relay's lease partitions only. A row waiting for a retry holds back the later rows of
 /// its topic and key (probing the small partial index `outbox_retrying`), so
 /// a retry never lets a key's later message overtake an earlier one.
 ///
@@ -185,7 +185,9 @@ const CLAIM: &str = "SELECT id, message_id, topic, key, payload::text AS payload
      FROM (SELECT lim.*, sum(lim.size) OVER (ORDER BY lim.id ROWS UNBOUNDED PRECEDING) AS running \
            FROM (SELECT o.*, coalesce(pg_column_size(o.payload), 0) + coalesce(octet_length(o.payload_bytes), 0) AS size \
                  FROM kurier.outbox o \
-                 WHERE (o.retry_at IS NULL OR o.retry_at <= now()) \
+                 WHERE o.lease_partition IN (SELECT partition FROM kurier.relay_leases \
+                                             WHERE owner = $3 AND expires_at > now()) \
+                   AND (o.retry_at IS NULL OR o.retry_at <= now()) \
                    AND NOT EXISTS (SELECT 1 FROM kurier.outbox r \
                                    WHERE r.retry_at > now() AND r.topic = o.topic \
                                      AND r.key IS NOT DISTINCT FROM o.key AND r.id < o.id) \
@@ -193,15 +195,18 @@ const CLAIM: &str = "SELECT id, message_id, topic, key, payload::text AS payload
      WHERE running - size < $2 \
      ORDER BY id";
 
-/// Reads the next batch. Runs on the lease connection, so only the active relay claims.
+/// Reads the next batch of the partitions `owner` holds unexpired leases on
+/// (checked by the database clock in the same statement: the fence).
 pub async fn claim(
     conn: &mut PgConnection,
+    owner: &str,
     limit: u32,
     max_bytes: u64,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
     sqlx::query_as(CLAIM)
         .bind(i64::from(limit))
         .bind(max_bytes as i64)
+        .bind(owner)
         .fetch_all(conn)
         .await
 }

@@ -4,8 +4,11 @@
 //!
 //! Invariants enforced here:
 //! - a row is deleted only after the broker acknowledged it (`acks=all`);
-//! - rows are sent in `id` order, a batch at a time, by the one lease holder,
-//!   and a key whose row failed sends nothing more from that batch;
+//! - rows are sent in `id` order, a batch at a time, only from partitions this
+//!   instance holds unexpired leases on (see `lease`), and a key whose row
+//!   failed sends nothing more from that batch;
+//! - leases are renewed while a batch waits for the broker, and given up or
+//!   taken only between batches, so a partition changes hands with nothing in flight;
 //! - shutdown interrupts waiting, never a claimed batch: a batch in flight is
 //!   given `shutdown_grace` to be acknowledged; unacknowledged rows stay in
 //!   the outbox for the next run (at least once).
@@ -17,14 +20,14 @@ use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use sqlx::postgres::PgListener;
-use sqlx::PgConnection;
+use sqlx::{Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{KafkaConfig, RelayConfig};
 use crate::dead_letter;
 use crate::error::{explain_setup, Error};
 use crate::health::Probe;
-use crate::lease::{self, Lease};
+use crate::lease::Leases;
 use crate::outbox::{self, OutboxRow};
 use crate::publisher::{classify, Failure, Publisher};
 
@@ -69,20 +72,14 @@ impl Relay {
     pub async fn run(self, cancel: CancellationToken) -> Result<(), Error> {
         let mut publisher = Publisher::new(&self.kafka)?;
         let mut reconnect = self.backoff();
-        while let Some(mut lease) = lease::acquire(
-            &self.database_url,
-            self.cfg.standby_interval,
-            &self.health,
-            &cancel,
-        )
-        .await?
-        {
-            match self.serve(&mut lease, &mut publisher, &cancel).await {
+        while !cancel.is_cancelled() {
+            match self.connect_and_serve(&mut publisher, &cancel).await {
                 Ok(()) => break,
                 Err(e) if e.is_retryable() => {
                     self.health.set_database(false);
                     let delay = reconnect.next().unwrap_or(self.cfg.retry_max);
-                    tracing::warn!(error = %crate::redact::scrub(&e.to_string(), &self.database_url), retry_in = ?delay, "relay lost its lease connection");
+                    let error = crate::redact::scrub(&e.to_string(), &self.database_url);
+                    tracing::warn!(%error, retry_in = ?delay, "relay lost its database connection; reconnecting");
                     sleep_unless_cancelled(delay, &cancel).await;
                 }
                 Err(e) => return Err(e),
@@ -93,33 +90,65 @@ impl Relay {
         Ok(())
     }
 
+    /// One database session: register, serve, and on a clean stop hand the
+    /// leases back so other instances take over at once.
+    async fn connect_and_serve(
+        &self,
+        publisher: &mut Publisher,
+        cancel: &CancellationToken,
+    ) -> Result<(), Error> {
+        let mut conn = PgConnection::connect(&self.database_url).await?;
+        crate::schema::ensure_migrated(&mut conn).await?;
+        let mut leases = Leases::register(&mut conn, self.cfg.lease_ttl).await?;
+        let result = self.serve(&mut conn, &mut leases, publisher, cancel).await;
+        if result.is_ok() {
+            if let Err(e) = leases.release_all(&mut conn).await {
+                tracing::warn!(error = %e, "could not hand back relay leases; they expire by themselves");
+            }
+        }
+        result
+    }
+
     async fn serve(
         &self,
-        lease: &mut Lease,
+        conn: &mut PgConnection,
+        leases: &mut Leases,
         publisher: &mut Publisher,
         cancel: &CancellationToken,
     ) -> Result<(), Error> {
         let mut listener = self.listen().await;
         let mut pause = self.backoff();
         while !cancel.is_cancelled() {
-            let rows = outbox::claim(
-                &mut lease.conn,
-                self.cfg.batch_size,
-                self.cfg.max_batch_bytes,
-            )
-            .await
-            .map_err(explain_setup)?;
+            if leases.heartbeat_due() || !leases.still_valid() {
+                leases.heartbeat(conn).await.map_err(explain_setup)?;
+            }
+            let rows = if leases.owned().is_empty() {
+                Vec::new()
+            } else {
+                outbox::claim(
+                    conn,
+                    &leases.me,
+                    self.cfg.batch_size,
+                    self.cfg.max_batch_bytes,
+                )
+                .await
+                .map_err(explain_setup)?
+            };
             if rows.is_empty() {
                 self.health.progress();
-                self.idle(&mut listener, cancel).await;
+                self.idle(&mut listener, cancel, leases.until_heartbeat())
+                    .await;
                 continue;
             }
+            if !leases.still_valid() {
+                continue; // stalled between claim and send: renew (or lose) the leases first
+            }
             let started = Instant::now();
-            let outcomes = self.publish(publisher, &rows, cancel).await;
+            let outcomes = self.publish(conn, leases, publisher, &rows, cancel).await?;
             metrics::histogram!("kurier_relay_batch_publish_seconds")
                 .record(started.elapsed().as_secs_f64());
             metrics::histogram!("kurier_relay_batch_size").record(rows.len() as f64);
-            let transient = self.finish(&mut lease.conn, &rows, &outcomes).await?;
+            let transient = self.finish(conn, &rows, &outcomes).await?;
             if let Some(fatal) = publisher.fatal_error() {
                 tracing::error!(error = %fatal, "producer hit a fatal error; building a new one");
                 *publisher = Publisher::new(&self.kafka)?;
@@ -139,10 +168,12 @@ impl Relay {
     /// Sends rows in id order and collects their delivery reports.
     async fn publish(
         &self,
+        conn: &mut PgConnection,
+        leases: &mut Leases,
         publisher: &Publisher,
         rows: &[OutboxRow],
         cancel: &CancellationToken,
-    ) -> Vec<Outcome> {
+    ) -> Result<Vec<Outcome>, Error> {
         let mut outcomes = vec![Outcome::Unknown; rows.len()];
         let mut pending = FuturesUnordered::new();
         // A key whose row failed to send sends nothing more from this batch,
@@ -172,6 +203,7 @@ impl Relay {
         };
         tokio::pin!(grace);
         loop {
+            let renew_in = leases.until_heartbeat();
             tokio::select! {
                 next = pending.next() => match next {
                     Some((i, report)) => outcomes[i] = delivery_outcome(report),
@@ -181,9 +213,11 @@ impl Relay {
                     tracing::warn!(unacknowledged = pending.len(), "shutdown grace elapsed; unacknowledged rows stay in the outbox");
                     break;
                 }
+                // A slow broker must not cost us the leases of the batch in flight.
+                _ = tokio::time::sleep(renew_in) => leases.renew(conn).await.map_err(explain_setup)?,
             }
         }
-        outcomes
+        Ok(outcomes)
     }
 
     /// Deletes delivered rows, schedules retries, dead-letters what cannot be
@@ -248,8 +282,14 @@ impl Relay {
         }
     }
 
-    /// Waits for a notification, the poll interval, or shutdown, whichever is first.
-    async fn idle(&self, listener: &mut Option<PgListener>, cancel: &CancellationToken) {
+    /// Waits for a notification, the poll interval (at most `until_heartbeat`),
+    /// or shutdown, whichever is first.
+    async fn idle(
+        &self,
+        listener: &mut Option<PgListener>,
+        cancel: &CancellationToken,
+        until_heartbeat: Duration,
+    ) {
         let notified = async {
             match listener {
                 Some(l) => {
@@ -263,7 +303,7 @@ impl Relay {
         tokio::select! {
             _ = cancel.cancelled() => {}
             _ = notified => {}
-            _ = tokio::time::sleep(self.cfg.poll_interval) => {}
+            _ = tokio::time::sleep(self.cfg.poll_interval.min(until_heartbeat)) => {}
         }
     }
 

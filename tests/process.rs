@@ -18,8 +18,6 @@ async fn sigkill_mid_batch_and_restart_loses_nothing() {
         ("KAFKA_BROKERS", brokers.as_str()),
         ("KURIER_RELAY_BATCH_SIZE", "50"),
         ("KURIER_KAFKA_PROPERTIES", "linger.ms=20"),
-        // A restarted relay takes over as soon as PostgreSQL has noticed the killed one's lease connection close.
-        ("KURIER_RELAY_STANDBY_INTERVAL_MS", "50"),
     ];
     let stop = CancellationToken::new();
     let writers = {

@@ -360,33 +360,41 @@ async fn poison_rows_are_dead_lettered_and_good_rows_flow_in_order() {
 async fn a_claim_is_bounded_by_bytes_as_well_as_rows() {
     let db = fresh_db().await;
     for i in 0..10 {
-        kurier::enqueue(
-            &db.pool,
-            &Message::json("t", serde_json::json!({ "i": i, "blob": "y".repeat(1000) })).key("k"),
-        )
-        .await
-        .unwrap();
+        let blob = serde_json::json!({ "i": i, "blob": "y".repeat(1000) });
+        kurier::enqueue(&db.pool, &Message::json("t", blob).key("k"))
+            .await
+            .unwrap();
     }
     let mut conn = db.pool.acquire().await.unwrap();
-    let ids = |rows: Vec<kurier::outbox::OutboxRow>| rows.iter().map(|r| r.id).collect::<Vec<_>>();
-    assert_eq!(
-        ids(kurier::outbox::claim(&mut conn, 100, 1 << 30)
-            .await
-            .unwrap())
-        .len(),
-        10
+    let mut leases = kurier::lease::Leases::register(&mut conn, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let me = leases.me.clone();
+    assert!(
+        claim_ids(&mut conn, &me, 100, 1 << 30).await.is_empty(),
+        "no leases, no rows"
     );
+    leases.heartbeat(&mut conn).await.unwrap();
     assert_eq!(
-        ids(kurier::outbox::claim(&mut conn, 4, 1 << 30).await.unwrap()).len(),
-        4
+        leases.owned().len(),
+        kurier::lease::PARTITIONS,
+        "a lone relay owns every partition"
     );
+    assert_eq!(claim_ids(&mut conn, &me, 100, 1 << 30).await.len(), 10);
+    assert_eq!(claim_ids(&mut conn, &me, 4, 1 << 30).await.len(), 4);
     // ~1 KB rows under a 2,500-byte budget: the rows that start below the budget, in id order.
-    let some = ids(kurier::outbox::claim(&mut conn, 100, 2500).await.unwrap());
+    let some = claim_ids(&mut conn, &me, 100, 2500).await;
     assert!((2..=3).contains(&some.len()), "{some:?}");
     assert!(some.windows(2).all(|w| w[0] < w[1]));
     // A single row larger than the budget still goes out alone.
-    assert_eq!(
-        ids(kurier::outbox::claim(&mut conn, 100, 1).await.unwrap()).len(),
-        1
-    );
+    assert_eq!(claim_ids(&mut conn, &me, 100, 1).await.len(), 1);
+}
+
+async fn claim_ids(conn: &mut sqlx::PgConnection, me: &str, limit: u32, bytes: u64) -> Vec<i64> {
+    kurier::outbox::claim(conn, me, limit, bytes)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect()
 }

@@ -160,7 +160,7 @@ def main():
     with psycopg.connect(base, autocommit=True) as c:
         c.execute(f'CREATE DATABASE "{db}"')
     url = base.rsplit("/", 1)[0] + "/" + db
-    env = dict(os.environ, DATABASE_URL=url, KAFKA_BROKERS=brokers, RUST_LOG="warn", KURIER_RELAY_STANDBY_INTERVAL_MS="100")
+    env = dict(os.environ, DATABASE_URL=url, KAFKA_BROKERS=brokers, RUST_LOG="warn")
     env.pop("KURIER_CONFIG", None)
     subprocess.run([args.kurier, "migrate"], env=env, check=True)
     topic = f"e2e-{uuid.uuid4().hex[:12]}"

@@ -3,8 +3,10 @@
 Writers: psycopg, plain SQL `INSERT INTO kurier.outbox` in transactions, 10% of
 them rolled back. Reader: confluent-kafka (librdkafka), assigned to every
 partition from the beginning. Phase 1 relays with one steady `kurier run`;
-phase 2 SIGKILLs and restarts it every 1-2 seconds. Checks: zero lost, zero
-phantom, zero per-key order violations, `message-id` on every record.
+phase 2 SIGKILLs and restarts it every 1-2 seconds; phase 3 runs three relays,
+one SIGKILLed and restarted and one SIGSTOPped for longer than its lease, over
+and over. Checks: zero lost, zero phantom, zero per-key order violations,
+`message-id` on every record.
 """
 import argparse, json, os, random, signal, subprocess, sys, threading, time, uuid
 
@@ -189,6 +191,36 @@ def main():
     w.run(args.seconds)  # phase 2: relay SIGKILLed every 1-2 s
     stop.set()
     k.join()
+    phase2 = len(w.committed)
+
+    # Phase 3: three relays; one killed, one stalled beyond its lease, repeatedly.
+    env3 = dict(env, KURIER_RELAY_LEASE_TTL_MS="1500")
+    trio = [Relay(args.kurier, env3) for _ in range(3)]
+    relay.kill()
+    for r in trio:
+        r.start()
+    stalls, stop3 = [0], threading.Event()
+
+    def chaos():
+        while not stop3.is_set():
+            time.sleep(random.uniform(0.5, 1.0))
+            trio[0].kill()
+            kills[0] += 1
+            trio[0].start()
+            trio[1].proc.send_signal(signal.SIGSTOP)
+            time.sleep(random.uniform(2.0, 3.0))
+            trio[1].proc.send_signal(signal.SIGCONT)
+            stalls[0] += 1
+
+    c3 = threading.Thread(target=chaos)
+    c3.start()
+    w.run(args.seconds)
+    stop3.set()
+    c3.join()
+    for r in trio[1:]:
+        if r.term() != 0:
+            fail("a relay did not exit 0 on SIGTERM")
+    relay = trio[0]
     deadline = time.time() + 120
     while outbox_count(url) and time.time() < deadline:
         time.sleep(0.2)
@@ -199,7 +231,8 @@ def main():
         fail(f"SIGTERM exit code {rc}")
     recs, missing = read_all(brokers, topic, w.committed, timeout=180)
     dups = check(recs, missing, w)
-    summary = {"committed": len(w.committed), "phase1_committed": phase1, "rolled_back": len(w.rolled_back),
+    summary = {"committed": len(w.committed), "phase1_committed": phase1, "phase2_committed": phase2 - phase1,
+               "phase3_committed": len(w.committed) - phase2, "stalls": stalls[0], "rolled_back": len(w.rolled_back),
                "records": len(recs), "duplicates": dups, "sigkills": kills[0], "lost": 0, "phantom": 0, "order_violations": 0}
     print("e2e: PASS " + json.dumps(summary))
     with psycopg.connect(base, autocommit=True) as c:

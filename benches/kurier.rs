@@ -48,6 +48,19 @@ async fn main() {
         f["relay_drain_msgs_per_s"] / f["pg_batched_insert_rows_per_s"],
     );
 
+    for instances in [1usize, 2, 3] {
+        let db = fresh_db(&base, "scale").await;
+        let rate = drain_instances(&db, &brokers, kurier, n, instances).await;
+        f.insert(
+            [
+                "relay_1_instance_msgs_per_s",
+                "relay_2_instances_msgs_per_s",
+                "relay_3_instances_msgs_per_s",
+            ][instances - 1],
+            rate,
+        );
+    }
+
     for notify in [false, true] {
         let db = fresh_db(&base, "latency").await;
         if notify {
@@ -222,6 +235,35 @@ async fn drain(db: &str, brokers: &str, kurier: &str, n: usize, f: &mut Figures)
         ((after - before - 2).max(0)) as f64 / 5.0,
     );
     drop(d);
+}
+
+/// N rows written by one SQL statement, drained by `instances` relays at once.
+async fn drain_instances(db: &str, brokers: &str, kurier: &str, n: usize, instances: usize) -> f64 {
+    let pool = PgPool::connect(db).await.unwrap();
+    let topic = new_topic(brokers, "bench-scale", 6).await;
+    sqlx::query(
+        "INSERT INTO kurier.outbox (topic, key, payload) SELECT $1, 'key-' || (i % 1000), \
+         jsonb_build_object('type', 'OrderPlaced', 'order', i, 'note', repeat('x', 100)) FROM generate_series(1, $2) AS i",
+    )
+    .bind(&topic)
+    .bind(n as i64)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("VACUUM ANALYZE kurier.outbox")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let daemons: Vec<Daemon> = (0..instances)
+        .map(|_| spawn(kurier, &[("DATABASE_URL", db), ("KAFKA_BROKERS", brokers)]))
+        .collect();
+    while count(&pool, "SELECT count(*) FROM kurier.outbox").await > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    drop(daemons);
+    rate
 }
 
 /// The same N messages from memory through a plain producer with the relay's settings.

@@ -9,7 +9,14 @@ use common::*;
 /// Peak and current resident set of a process, in KiB.
 fn rss_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
     (field("VmHWM:"), field("VmRSS:"))
 }
 
@@ -27,8 +34,14 @@ async fn a_million_row_backlog_drains_with_flat_memory() {
     .execute(&db.pool)
     .await
     .unwrap();
-    sqlx::query("VACUUM ANALYZE kurier.outbox").execute(&db.pool).await.unwrap();
-    let env = [("DATABASE_URL", db.url.as_str()), ("KAFKA_BROKERS", brokers.as_str())];
+    sqlx::query("VACUUM ANALYZE kurier.outbox")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("KAFKA_BROKERS", brokers.as_str()),
+    ];
     let mut child = spawn_binary(&["run"], &env);
     let pid = child.id();
     let started = Instant::now();
@@ -39,7 +52,10 @@ async fn a_million_row_backlog_drains_with_flat_memory() {
         if left == 0 {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(240), "backlog not drained: {left} rows left");
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "backlog not drained: {left} rows left"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let (peak, _) = rss_kib(pid);
@@ -48,11 +64,18 @@ async fn a_million_row_backlog_drains_with_flat_memory() {
     let secs = started.elapsed().as_secs_f64();
     // Flat: memory after the first quarter of the drain grows by less than 16 MiB,
     // and the peak stays far below what holding the backlog would take (~250 MB).
-    let early = samples.iter().find(|(done, _)| *done >= ROWS / 4).map(|s| s.1).unwrap_or(0);
+    let early = samples
+        .iter()
+        .find(|(done, _)| *done >= ROWS / 4)
+        .map(|s| s.1)
+        .unwrap_or(0);
     let late = samples.iter().map(|s| s.1).max().unwrap_or(0);
     eprintln!("drained {ROWS} rows in {secs:.1}s; RSS after 1/4: {} MiB, max sampled: {} MiB, peak (VmHWM): {} MiB", early / 1024, late / 1024, peak / 1024);
     assert!(peak < 100 * 1024, "peak RSS {peak} KiB");
     if early > 0 {
-        assert!(late < early + 16 * 1024, "RSS grew from {early} to {late} KiB while draining");
+        assert!(
+            late < early + 16 * 1024,
+            "RSS grew from {early} to {late} KiB while draining"
+        );
     }
 }

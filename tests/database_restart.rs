@@ -22,12 +22,26 @@ impl PrivatePg {
         let mut cmd = as_postgres(self.bin.join("pg_ctl"));
         cmd.arg("-D").arg(&self.data).args(args);
         let out = cmd.output().expect("pg_ctl");
-        assert!(out.status.success(), "pg_ctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn start(&self) {
-        let opts = format!("-p {} -k /tmp -c listen_addresses=127.0.0.1 -c fsync=off", self.port);
-        self.pg_ctl(&["-w", "-l", &self.data.join("log").display().to_string(), "-o", &opts, "start"]);
+        let opts = format!(
+            "-p {} -k /tmp -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port
+        );
+        self.pg_ctl(&[
+            "-w",
+            "-l",
+            &self.data.join("log").display().to_string(),
+            "-o",
+            &opts,
+            "start",
+        ]);
     }
 
     fn url(&self) -> String {
@@ -37,7 +51,11 @@ impl PrivatePg {
 
 impl Drop for PrivatePg {
     fn drop(&mut self) {
-        let _ = as_postgres(self.bin.join("pg_ctl")).arg("-D").arg(&self.data).args(["-m", "immediate", "stop"]).output();
+        let _ = as_postgres(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "stop"])
+            .output();
         let _ = std::fs::remove_dir_all(&self.data);
     }
 }
@@ -54,7 +72,11 @@ fn as_postgres(program: PathBuf) -> Command {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
 }
 
 fn private_pg() -> PrivatePg {
@@ -65,11 +87,29 @@ fn private_pg() -> PrivatePg {
     let data = std::env::temp_dir().join(unique("kurier-pg"));
     std::fs::create_dir_all(&data).unwrap();
     if is_root() {
-        assert!(Command::new("chown").arg("postgres").arg(&data).status().unwrap().success());
+        assert!(Command::new("chown")
+            .arg("postgres")
+            .arg(&data)
+            .status()
+            .unwrap()
+            .success());
     }
-    let out = as_postgres(bin.join("initdb")).arg("-D").arg(&data).args(["-U", "postgres", "--auth=trust"]).output().unwrap();
-    assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = as_postgres(bin.join("initdb"))
+        .arg("-D")
+        .arg(&data)
+        .args(["-U", "postgres", "--auth=trust"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "initdb: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let pg = PrivatePg { bin, data, port };
     pg.start();
     pg
@@ -80,28 +120,66 @@ async fn relay_survives_a_postgresql_restart_mid_stream() {
     let (pg, brokers, topic) = (private_pg(), brokers(), unique("pg-restart"));
     create_topic(&brokers, &topic, 3).await;
     kurier::schema::migrate(&pg.url()).await.unwrap();
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&pg.url()).await.unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&pg.url())
+        .await
+        .unwrap();
     // A backlog, so the restart hits the relay while it is publishing.
-    let mut committed = write_concurrently(&pool, &topic, 4, 500, 4, 0.10, Duration::ZERO, CancellationToken::new()).await;
-    let cfg = config(&pg.url(), &brokers, "http = { addr = \"127.0.0.1:0\" }\n[relay]\nbatch_size = 50\nretry_max_ms = 1000\n");
+    let mut committed = write_concurrently(
+        &pool,
+        &topic,
+        4,
+        500,
+        4,
+        0.10,
+        Duration::ZERO,
+        CancellationToken::new(),
+    )
+    .await;
+    let cfg = config(
+        &pg.url(),
+        &brokers,
+        "http = { addr = \"127.0.0.1:0\" }\n[relay]\nbatch_size = 50\nretry_max_ms = 1000\n",
+    );
     let daemon = kurier::Daemon::bind(cfg).await.unwrap();
     let http = daemon.http_addr().unwrap();
     let cancel = CancellationToken::new();
     let handle = tokio::spawn(daemon.run(cancel.clone()));
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = outbox_count(&pool).await;
-    assert!(before > 0, "the relay must still have work when PostgreSQL goes down");
+    assert!(
+        before > 0,
+        "the relay must still have work when PostgreSQL goes down"
+    );
 
     pg.pg_ctl(&["-m", "fast", "stop"]);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let ready = http_status(http, "/readyz").await;
     assert_eq!(ready, 503, "not ready while the database is down");
-    assert!(!handle.is_finished(), "the daemon keeps running while PostgreSQL is down");
+    assert!(
+        !handle.is_finished(),
+        "the daemon keeps running while PostgreSQL is down"
+    );
     pg.start();
 
     pool.close().await;
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&pg.url()).await.unwrap();
-    let more = write_concurrently(&pool, &topic, 4, 200, 4, 0.10, Duration::ZERO, CancellationToken::new()).await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&pg.url())
+        .await
+        .unwrap();
+    let more = write_concurrently(
+        &pool,
+        &topic,
+        4,
+        200,
+        4,
+        0.10,
+        Duration::ZERO,
+        CancellationToken::new(),
+    )
+    .await;
     committed.ids.extend(more.ids);
     committed.rolled_back.extend(more.rolled_back);
     for (k, v) in more.order {
@@ -110,7 +188,10 @@ async fn relay_survives_a_postgresql_restart_mid_stream() {
     wait_drained(&pool, Duration::from_secs(60)).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while http_status(http, "/readyz").await != 200 {
-        assert!(Instant::now() < deadline, "never ready again after the restart");
+        assert!(
+            Instant::now() < deadline,
+            "never ready again after the restart"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let recs = read_ids(&brokers, &topic, &committed.ids, Duration::from_secs(60));
@@ -121,9 +202,16 @@ async fn relay_survives_a_postgresql_restart_mid_stream() {
 
 async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to the daemon's HTTP port");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the daemon's HTTP port");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.unwrap();
-    buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+    buf.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
 }

@@ -23,7 +23,19 @@ async fn three_relays_with_kills_and_stalls_lose_nothing_and_keep_key_order() {
     let stop = CancellationToken::new();
     let writers = {
         let (pool, topic, stop) = (db.pool.clone(), topic.clone(), stop.clone());
-        tokio::spawn(async move { write_concurrently(&pool, &topic, 4, 1_000_000, 8, 0.10, Duration::from_millis(5), stop).await })
+        tokio::spawn(async move {
+            write_concurrently(
+                &pool,
+                &topic,
+                4,
+                1_000_000,
+                8,
+                0.10,
+                Duration::from_millis(5),
+                stop,
+            )
+            .await
+        })
     };
     let (started, mut kills, mut stalls, mut most_owners) = (Instant::now(), 0, 0, 0i64);
     while started.elapsed() < Duration::from_secs(14) {
@@ -51,12 +63,20 @@ async fn three_relays_with_kills_and_stalls_lose_nothing_and_keep_key_order() {
         let status = r.wait().unwrap();
         assert!(status.success(), "SIGTERM must exit 0: {status}");
     }
-    assert!(most_owners >= 2, "the work must be split between relays (at most {most_owners} owner seen)");
+    assert!(
+        most_owners >= 2,
+        "the work must be split between relays (at most {most_owners} owner seen)"
+    );
     let recs = read_ids(&brokers, &topic, &committed.ids, Duration::from_secs(120));
     eprintln!("{kills} SIGKILLs, {stalls} SIGSTOPs of 2.5 s (lease 1.5 s); up to {most_owners} relays owned partitions at once");
     assert_delivered_exactly(&recs, &committed);
 }
 
 async fn live_owners(pool: &sqlx::PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(DISTINCT owner) FROM kurier.relay_leases WHERE expires_at > now()").fetch_one(pool).await.unwrap()
+    sqlx::query_scalar(
+        "SELECT count(DISTINCT owner) FROM kurier.relay_leases WHERE expires_at > now()",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
 }

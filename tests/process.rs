@@ -265,3 +265,20 @@ async fn dead_letters_cli_lists_retries_and_discards() {
         "only the header line is left"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmigrated_database_is_reported_once_and_exits_non_zero() {
+    let url = fresh_empty_db().await;
+    let brokers = brokers();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kurier"))
+        .arg("run")
+        .env("DATABASE_URL", &url)
+        .env("KAFKA_BROKERS", &brokers)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("kurier migrate"), "the error must name the fix: {stderr}");
+    assert_eq!(stderr.matches("kurier migrate").count(), 1, "reported once: {stderr}");
+}

@@ -14,10 +14,12 @@
 //! - [`inbox_writer`]: the daemon's Kafka → inbox consumer (offsets after the DB commit).
 //! - [`schema`]: `kurier migrate`.
 //! - [`daemon`]: wires relay, HTTP endpoints and shutdown; runnable in-process.
+//! - [`check`], [`status`]: `kurier check` and `kurier status`.
 //! - [`http`], [`health`], [`telemetry`], [`config`], [`redact`], [`error`]: the edges.
 //!
 //! See ARCHITECTURE.md for the data flow and where each guarantee is enforced.
 
+pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod dead_letter;
@@ -32,6 +34,7 @@ pub mod publisher;
 pub mod redact;
 pub mod relay;
 pub mod schema;
+pub mod status;
 pub mod telemetry;
 
 pub use config::Config;

@@ -29,8 +29,14 @@ enum Command {
     Migrate,
     /// Run the relay until SIGTERM/SIGINT.
     Run,
-    /// Validate the configuration and exit.
+    /// Validate the configuration and connectivity (database, schema, rights, Kafka).
     Check,
+    /// Outbox backlog, oldest pending age, per-topic counts, relay leases, dead letters.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect and manage the inbox.
     #[command(subcommand)]
     Inbox(InboxCommand),
@@ -138,10 +144,35 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             tracing::info!("schema kurier is up to date");
         }
         Command::Run => run(config).await?,
-        Command::Check => println!("configuration ok: {config:?}"),
+        Command::Check => check(&config).await?,
+        Command::Status { json } => {
+            let pool = sqlx::PgPool::connect(&config.database_url)
+                .await
+                .context("connect to the database")?;
+            let status = kurier::status::outbox(&pool).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", kurier::status::render(&status));
+            }
+        }
         Command::Inbox(cmd) => inbox(cmd, &config).await?,
         Command::DeadLetters(cmd) => dead_letters(cmd, &config).await?,
     }
+    Ok(())
+}
+
+async fn check(config: &Config) -> anyhow::Result<()> {
+    let findings = kurier::check::run(config).await;
+    for f in &findings {
+        if f.ok {
+            println!("ok    {}", f.what);
+        } else {
+            println!("FAIL  {}\n      fix: {}", f.what, f.fix);
+        }
+    }
+    let failed = findings.iter().filter(|f| !f.ok).count();
+    anyhow::ensure!(failed == 0, "{failed} check(s) failed");
     Ok(())
 }
 

@@ -279,6 +279,80 @@ async fn an_unmigrated_database_is_reported_once_and_exits_non_zero() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("kurier migrate"), "the error must name the fix: {stderr}");
-    assert_eq!(stderr.matches("kurier migrate").count(), 1, "reported once: {stderr}");
+    assert!(
+        stderr.contains("kurier migrate"),
+        "the error must name the fix: {stderr}"
+    );
+    assert_eq!(
+        stderr.matches("kurier migrate").count(),
+        1,
+        "reported once: {stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_and_status_report_problems_with_their_fixes() {
+    let db = fresh_db().await;
+    let brokers = brokers();
+    let run = |args: &[&str], db_url: &str, brokers: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kurier"))
+            .args(args)
+            .env("DATABASE_URL", db_url)
+            .env("KAFKA_BROKERS", brokers)
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = run(&["check"], &db.url, &brokers);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("ok    PostgreSQL reachable") && out.contains("ok    Kafka reachable"),
+        "{out}"
+    );
+
+    let mut bad_db = url::Url::parse(&db.url).unwrap();
+    bad_db.set_port(Some(1)).unwrap();
+    bad_db.set_password(Some("s3cret")).unwrap();
+    let (code, out) = run(&["check"], bad_db.as_str(), "127.0.0.1:1");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("FAIL  cannot connect to PostgreSQL")
+            && out.contains("fix: check DATABASE_URL"),
+        "{out}"
+    );
+    assert!(
+        out.contains("FAIL  cannot reach Kafka at 127.0.0.1:1")
+            && out.contains("fix: check KAFKA_BROKERS"),
+        "{out}"
+    );
+    assert!(!out.contains("s3cret"), "password leaked: {out}");
+
+    let unmigrated = fresh_empty_db().await;
+    let (code, out) = run(&["check"], &unmigrated, &brokers);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("fix: run `kurier migrate`"), "{out}");
+
+    for i in 0..3 {
+        kurier::enqueue(
+            &db.pool,
+            &kurier::Message::json(if i == 0 { "a" } else { "b" }, serde_json::json!({})),
+        )
+        .await
+        .unwrap();
+    }
+    let (code, out) = run(&["status", "--json"], &db.url, &brokers);
+    assert_eq!(code, Some(0), "{out}");
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(s["pending"], 3);
+    assert_eq!(
+        s["per_topic"][0],
+        serde_json::json!({"topic": "b", "pending": 2})
+    );
+    assert_eq!(s["dead_letters"], 0);
+    let (_, table) = run(&["status"], &db.url, &brokers);
+    assert!(table.starts_with("outbox: 3 pending"), "{table}");
 }

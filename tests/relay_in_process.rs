@@ -398,3 +398,37 @@ async fn claim_ids(conn: &mut sqlx::PgConnection, me: &str, limit: u32, bytes: u
         .map(|r| r.id)
         .collect()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_least_privilege_role_is_enough_for_the_relay() {
+    let (db, brokers, topic) = (fresh_db().await, brokers(), unique("least-privilege"));
+    create_topic(&brokers, &topic, 1).await;
+    let script = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/least-privilege.sql"
+    ))
+    .unwrap();
+    sqlx::raw_sql(&script)
+        .execute(&db.pool)
+        .await
+        .expect("deploy/least-privilege.sql runs");
+    let mut as_relay = url::Url::parse(&db.url).unwrap();
+    as_relay.set_username("kurier_relay").unwrap();
+    let cfg = config(
+        as_relay.as_str(),
+        &brokers,
+        "[relay]\nlease_ttl_ms = 2000\n",
+    );
+    let findings = kurier::check::run(&cfg).await;
+    assert!(findings.iter().all(|f| f.ok), "{findings:?}");
+    let id = kurier::enqueue(
+        &db.pool,
+        &Message::json(&topic, serde_json::json!({"ok": true})).key("k"),
+    )
+    .await
+    .unwrap();
+    let relay = start_in_process(cfg).await;
+    read_ids(&brokers, &topic, &HashSet::from([id.to_string()]), READ);
+    wait_drained(&db.pool, Duration::from_secs(10)).await;
+    relay.stop().await;
+}

@@ -158,7 +158,11 @@ impl Relay {
                 self.health.progress();
             } else {
                 let delay = pause.next().unwrap_or(self.cfg.retry_max);
-                tracing::warn!(rows = transient, retry_in = ?delay, "broker did not acknowledge; retrying the batch");
+                tracing::warn!(rows = transient, retry_in = ?delay, "broker did not acknowledge; retrying the batch with a new producer");
+                // Nothing is in flight now. A fresh producer (new producer id) avoids
+                // an idempotent producer left waiting to recover its sequence
+                // numbers after timed-out messages, which some brokers never allow.
+                *publisher = Publisher::new(&self.kafka)?;
                 sleep_unless_cancelled(delay, cancel).await;
             }
         }

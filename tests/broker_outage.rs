@@ -1,4 +1,4 @@
-//! The broker becomes unreachable mid-stream and comes back.
+//! The broker becomes unreachable mid-stream for 15 s and comes back.
 //!
 //! The test starts its own Tansu (`TANSU_BIN`) behind a TCP proxy that it can
 //! cut: every connection is dropped and new ones are refused for several
@@ -122,8 +122,17 @@ async fn broker_unreachable_then_back_loses_nothing() {
     let brokers = format!("127.0.0.1:{proxy_port}");
     let (db, topic) = (fresh_db().await, unique("outage"));
     create_topic(&brokers, &topic, 3).await;
-    let cfg = config(&db.url, &brokers, "[relay]\nbatch_size = 100\nretry_max_ms = 1000\n[kafka.properties]\n\"reconnect.backoff.max.ms\" = 500\n");
-    let relay = start_in_process(cfg).await;
+    // A short message.timeout.ms makes batches time out during the outage, so
+    // the retry path (not only librdkafka's own queueing) is exercised.
+    let cfg = config(
+        &db.url,
+        &brokers,
+        "http = { addr = \"127.0.0.1:0\" }\n[relay]\nbatch_size = 100\nretry_max_ms = 1000\n[kafka.properties]\n\"reconnect.backoff.max.ms\" = 500\n\"message.timeout.ms\" = 4000\n",
+    );
+    let daemon = kurier::Daemon::bind(cfg).await.unwrap();
+    let http = daemon.http_addr().unwrap();
+    let cancel = CancellationToken::new();
+    let handle = tokio::spawn(daemon.run(cancel.clone()));
 
     let stop = CancellationToken::new();
     let writers = {
@@ -145,11 +154,20 @@ async fn broker_unreachable_then_back_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     proxy.down();
     let before = outbox_count(&db.pool).await;
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
     let during = outbox_count(&db.pool).await;
     assert!(
         during > before,
         "rows keep arriving while the broker is away ({before} -> {during})"
+    );
+    assert_eq!(
+        http_status(http, "/readyz").await,
+        503,
+        "not ready while the broker is unreachable"
+    );
+    assert!(
+        !handle.is_finished(),
+        "the daemon keeps running through the outage"
     );
     proxy.up();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -158,5 +176,27 @@ async fn broker_unreachable_then_back_loses_nothing() {
     wait_drained(&db.pool, Duration::from_secs(90)).await;
     let recs = read_ids(&brokers, &topic, &committed.ids, Duration::from_secs(120));
     assert_delivered_exactly(&recs, &committed);
-    relay.stop().await;
+    assert_eq!(
+        http_status(http, "/readyz").await,
+        200,
+        "ready again once the broker is back"
+    );
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+}
+
+async fn http_status(addr: SocketAddr, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr)
+        .await
+        .expect("connect to the daemon's HTTP port");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    buf.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
 }

@@ -187,15 +187,15 @@ impl Processor {
         let mut report = BatchReport::default();
         for msg in &rows {
             let mut savepoint = tx.begin().await?;
-            match handler.handle(&mut *savepoint, msg).await {
+            match handler.handle(&mut savepoint, msg).await {
                 Ok(()) => {
-                    mark_processed(&mut *savepoint, msg.id).await?;
+                    mark_processed(&mut savepoint, msg.id).await?;
                     savepoint.commit().await?;
                     report.processed += 1;
                 }
                 Err(e) => {
                     savepoint.rollback().await?;
-                    let parked = self.record_failure(&mut *tx, msg, &e.to_string()).await?;
+                    let parked = self.record_failure(&mut tx, msg, &e.to_string()).await?;
                     if parked {
                         report.parked += 1;
                     } else {

@@ -35,6 +35,7 @@ fn free_port() -> u16 {
 }
 
 /// Tansu listening on `port`, telling clients to connect to `advertised`.
+#[allow(clippy::zombie_processes)] // Broker's Drop kills and waits
 async fn start_tansu(port: u16, advertised: u16) -> Broker {
     let bin = required_env(
         "TANSU_BIN",

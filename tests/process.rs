@@ -126,7 +126,9 @@ async fn sigterm_finishes_the_in_flight_batch_and_exits_zero() {
 fn malformed_config_is_refused_naming_the_key() {
     let dir = std::env::temp_dir().join(unique("kurier-config"));
     std::fs::create_dir_all(&dir).unwrap();
-    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+    // (file contents, extra environment, what the error must name)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         ("[relay]\nbatch_sise = 10\n", &[], "batch_sise"),
         ("[relay]\nbatch_size = \"many\"\n", &[], "batch_size"),
         (

@@ -367,6 +367,7 @@ impl Committed {
 /// 1-3 rows through the library's `enqueue`; `rollback` of them roll back.
 /// Stops early when `stop` fires.
 /// `pace` is a pause after each transaction (zero = as fast as possible).
+#[allow(clippy::too_many_arguments)]
 pub async fn write_concurrently(
     pool: &PgPool,
     topic: &str,

@@ -117,6 +117,7 @@ impl Relay {
         cancel: &CancellationToken,
     ) -> Result<(), Error> {
         let mut listener = self.listen().await;
+        let mut broker_probe = BrokerProbe::default();
         let mut pause = self.backoff();
         while !cancel.is_cancelled() {
             if leases.heartbeat_due() || !leases.still_valid() {
@@ -135,7 +136,11 @@ impl Relay {
                 .map_err(explain_setup)?
             };
             if rows.is_empty() {
-                self.health.progress();
+                // Idle is progress only while the broker answers: readiness
+                // must turn false when it is gone, even with nothing to publish.
+                if broker_probe.reachable(publisher).await {
+                    self.health.progress();
+                }
                 self.idle(&mut listener, cancel, leases.until_heartbeat())
                     .await;
                 continue;
@@ -325,6 +330,39 @@ impl Relay {
         self.backoff()
             .nth(attempts.max(0) as usize)
             .unwrap_or(self.cfg.retry_max)
+    }
+}
+
+/// Asks the broker for metadata at most every few seconds while idle.
+#[derive(Default)]
+struct BrokerProbe {
+    last: Option<(Instant, bool)>,
+}
+
+impl BrokerProbe {
+    const EVERY: Duration = Duration::from_secs(5);
+
+    async fn reachable(&mut self, publisher: &Publisher) -> bool {
+        if let Some((at, ok)) = self.last {
+            if at.elapsed() < Self::EVERY {
+                return ok;
+            }
+        }
+        let producer = publisher.producer().clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            use rdkafka::producer::Producer;
+            producer
+                .client()
+                .fetch_metadata(None, Duration::from_secs(2))
+                .is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        if !ok {
+            tracing::warn!("broker unreachable (metadata request failed) while idle");
+        }
+        self.last = Some((Instant::now(), ok));
+        ok
     }
 }
 

@@ -11,7 +11,7 @@ mod common;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::net::{TcpSocket, TcpStream};
@@ -182,6 +182,17 @@ async fn broker_unreachable_then_back_loses_nothing() {
         200,
         "ready again once the broker is back"
     );
+    // Idle (nothing to publish) with the broker gone: not ready either.
+    proxy.down();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http_status(http, "/readyz").await != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "an idle relay must report not-ready when the broker is gone"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    proxy.up();
     cancel.cancel();
     handle.await.unwrap().unwrap();
 }

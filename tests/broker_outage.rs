@@ -1,4 +1,4 @@
-//! The broker becomes unreachable mid-stream for 15 s and comes back.
+//! The broker becomes unreachable mid-stream for two minutes and comes back.
 //!
 //! The test starts its own Tansu (`TANSU_BIN`) behind a TCP proxy that it can
 //! cut: every connection is dropped and new ones are refused for several
@@ -146,7 +146,7 @@ async fn broker_unreachable_then_back_loses_nothing() {
                 1_000_000,
                 4,
                 0.10,
-                Duration::from_millis(2),
+                Duration::from_millis(10),
                 stop,
             )
             .await
@@ -155,7 +155,7 @@ async fn broker_unreachable_then_back_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     proxy.down();
     let before = outbox_count(&db.pool).await;
-    tokio::time::sleep(Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_secs(120)).await;
     let during = outbox_count(&db.pool).await;
     assert!(
         during > before,

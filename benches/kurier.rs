@@ -205,9 +205,7 @@ async fn drain(db: &str, brokers: &str, kurier: &str, n: usize, f: &mut Figures)
         .unwrap();
     let t = Instant::now();
     let d = spawn(kurier, &[("DATABASE_URL", db), ("KAFKA_BROKERS", brokers)]);
-    while count(&pool, "SELECT count(*) FROM kurier.outbox").await > 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_drained(&pool).await;
     let secs = t.elapsed().as_secs_f64();
     let (cpu, rss_kib) = proc_usage(d.0.id());
     f.insert("relay_drain_msgs_per_s", n as f64 / secs);
@@ -258,12 +256,17 @@ async fn drain_instances(db: &str, brokers: &str, kurier: &str, n: usize, instan
     let daemons: Vec<Daemon> = (0..instances)
         .map(|_| spawn(kurier, &[("DATABASE_URL", db), ("KAFKA_BROKERS", brokers)]))
         .collect();
-    while count(&pool, "SELECT count(*) FROM kurier.outbox").await > 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_drained(&pool).await;
     let rate = n as f64 / t.elapsed().as_secs_f64();
     drop(daemons);
     rate
+}
+
+/// Returns once every outbox row was acknowledged and deleted.
+async fn wait_drained(pool: &PgPool) {
+    while count(pool, "SELECT count(*) FROM kurier.outbox").await > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The same N messages from memory through a plain producer with the relay's settings.

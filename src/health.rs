@@ -24,7 +24,6 @@ struct Inner {
 /// One loop's progress reporter.
 #[derive(Clone)]
 pub struct Probe {
-    name: &'static str,
     last: Arc<AtomicU64>,
     health: Health,
 }
@@ -50,7 +49,6 @@ impl Health {
             .expect("health lock")
             .insert(name, last.clone());
         Probe {
-            name,
             last,
             health: self.clone(),
         }
@@ -93,9 +91,5 @@ impl Probe {
 
     pub fn set_database(&self, ok: bool) {
         self.health.set_database(ok);
-    }
-
-    pub fn name(&self) -> &'static str {
-        self.name
     }
 }

@@ -237,20 +237,15 @@ impl Relay {
         rows: &[OutboxRow],
         outcomes: &[Outcome],
     ) -> Result<usize, Error> {
-        let delivered: Vec<i64> = rows
+        let delivered: Vec<&OutboxRow> = rows
             .iter()
             .zip(outcomes)
             .filter(|(_, o)| **o == Outcome::Delivered)
-            .map(|(r, _)| r.id)
+            .map(|(r, _)| r)
             .collect();
-        outbox::delete_published(conn, &delivered).await?;
-        count_per_topic(
-            "kurier_outbox_published_total",
-            rows.iter()
-                .zip(outcomes)
-                .filter(|(_, o)| **o == Outcome::Delivered)
-                .map(|(r, _)| r),
-        );
+        let ids: Vec<i64> = delivered.iter().map(|r| r.id).collect();
+        outbox::delete_published(conn, &ids).await?;
+        count_per_topic("kurier_outbox_published_total", delivered.into_iter());
         let mut transient = 0;
         for (row, outcome) in rows.iter().zip(outcomes) {
             let Outcome::Failed(failure) = outcome else {

@@ -82,7 +82,7 @@ async fn fresh_db(base: &str, what: &str) -> String {
         .unwrap();
     let mut url = url::Url::parse(base).unwrap();
     url.set_path(&name);
-    kurier::schema::migrate(url.as_str()).await.unwrap();
+    kurier::schema::migrate(url.as_str(), &[]).await.unwrap();
     url.to_string()
 }
 

@@ -8,6 +8,7 @@ use sqlx::{Connection, PgConnection};
 
 use crate::config::Config;
 use crate::redact::{redact_url, scrub};
+use crate::schema::{SchemaName, DEFAULT_SCHEMA};
 
 /// One finding of `kurier check`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -55,41 +56,83 @@ async fn database(config: &Config) -> Vec<Finding> {
         }
     };
     let mut out = vec![Finding::ok(format!("PostgreSQL reachable at {shown}"))];
-    if let Err(e) = crate::schema::ensure_migrated(&mut conn).await {
-        out.push(Finding::fail(
-            e.to_string(),
-            "run `kurier migrate` with the same DATABASE_URL",
-        ));
-        return out;
+    let mut schemas = vec![SchemaName::kurier()];
+    schemas.extend(
+        config
+            .relay
+            .schemas
+            .iter()
+            .filter(|s| s.as_str() != DEFAULT_SCHEMA)
+            .cloned(),
+    );
+    for schema in &schemas {
+        out.extend(schema_rights(&mut conn, config, schema).await);
     }
-    out.push(Finding::ok("schema kurier is migrated"));
-    let tables = [
-        "outbox",
-        "dead_letters",
-        "relay_leases",
-        "relay_instances",
-        "inbox",
-        "inbox_stats",
-    ];
+    for t in &config.debezium {
+        out.push(match crate::debezium::is_installed(&mut conn, t).await {
+            Ok(true) => Finding::ok(format!(
+                "Debezium-shape table {} is captured into {}.outbox",
+                t.qualified(),
+                t.into
+            )),
+            Ok(false) => Finding::fail(
+                format!(
+                    "Debezium-shape table {} has no capture trigger (or does not exist)",
+                    t.qualified()
+                ),
+                "run `kurier migrate` with this configuration; it installs the trigger",
+            ),
+            Err(e) => Finding::fail(
+                format!("cannot check the trigger on {}: {e}", t.qualified()),
+                "check the role's rights",
+            ),
+        });
+    }
+    out
+}
+
+/// Whether `schema` is migrated and the role may use the tables the daemon touches there.
+async fn schema_rights(
+    conn: &mut PgConnection,
+    config: &Config,
+    schema: &SchemaName,
+) -> Vec<Finding> {
+    if let Err(e) = crate::schema::ensure_migrated(conn, schema).await {
+        return vec![Finding::fail(
+            e.to_string(),
+            "run `kurier migrate` with the same DATABASE_URL and configuration",
+        )];
+    }
+    let mut out = vec![Finding::ok(format!("schema {schema} is migrated"))];
+    let mut tables = Vec::new();
+    if config.relay.enabled && config.relay.schemas.contains(schema) {
+        tables.extend(["outbox", "dead_letters", "relay_leases", "relay_instances"]);
+    }
+    if schema.as_str() == DEFAULT_SCHEMA && config.inbox.is_some() {
+        tables.extend(["inbox", "inbox_stats"]);
+    }
     for t in tables {
         let q =
-            format!("SELECT has_table_privilege('kurier.{t}', 'SELECT, INSERT, UPDATE, DELETE')");
-        match sqlx::query_scalar::<_, bool>(&q).fetch_one(&mut conn).await {
+            format!("SELECT has_table_privilege('{schema}.{t}', 'SELECT, INSERT, UPDATE, DELETE')");
+        match sqlx::query_scalar::<_, bool>(&q)
+            .fetch_one(&mut *conn)
+            .await
+        {
             Ok(true) => {}
             Ok(false) => out.push(Finding::fail(
-                format!("this role lacks SELECT, INSERT, UPDATE or DELETE on kurier.{t}"),
+                format!("this role lacks SELECT, INSERT, UPDATE or DELETE on {schema}.{t}"),
                 "run deploy/least-privilege.sql or GRANT those rights to the role in DATABASE_URL",
             )),
             Err(e) => out.push(Finding::fail(
-                format!("cannot check rights on kurier.{t}: {e}"),
+                format!("cannot check rights on {schema}.{t}: {e}"),
                 "run `kurier migrate`",
             )),
         }
     }
     if out.iter().all(|f| f.ok) {
-        out.push(Finding::ok(
-            "the role may read and write every kurier table",
-        ));
+        out.push(Finding::ok(format!(
+            "the role may read and write the {schema} tables it needs"
+        )));
     }
     out
 }

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::debezium::DebeziumTable;
 use crate::redact::redact_url;
+use crate::schema::SchemaName;
 
 /// A configuration problem, named by its key, with the fix.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +62,8 @@ pub struct Config {
     pub relay: RelayConfig,
     /// The Kafka → inbox writer; `None` when no topics are configured.
     pub inbox: Option<InboxConfig>,
+    /// Debezium-shape outbox tables captured into a Kurier outbox.
+    pub debezium: Vec<DebeziumTable>,
     pub http_addr: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
@@ -111,6 +115,17 @@ pub struct RelayConfig {
     /// How long a relay's partition leases last without a heartbeat; a
     /// stalled relay is fenced out after this long.
     pub lease_ttl: Duration,
+    /// The schemas whose outboxes this daemon relays (one relay loop each).
+    pub schemas: Vec<SchemaName>,
+    /// CloudEvents binary-mode headers on every record, when set.
+    pub cloudevents: Option<CloudEventsConfig>,
+}
+
+/// The CloudEvents Kafka protocol binding, binary content mode.
+#[derive(Debug, Clone)]
+pub struct CloudEventsConfig {
+    /// `ce_source` of every event (a URI-reference naming this producer).
+    pub source: String,
 }
 
 /// Kafka → inbox writer settings.
@@ -148,6 +163,8 @@ struct RawConfig {
     #[serde(default)]
     inbox: RawInbox,
     #[serde(default)]
+    debezium: Vec<RawDebezium>,
+    #[serde(default)]
     http: RawHttp,
     #[serde(default)]
     log: RawLog,
@@ -180,6 +197,17 @@ struct RawRelay {
     retry_min_ms: Option<u64>,
     retry_max_ms: Option<u64>,
     lease_ttl_ms: Option<u64>,
+    schemas: Option<Vec<String>>,
+    cloudevents: Option<bool>,
+    cloudevents_source: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDebezium {
+    table: String,
+    topic: Option<String>,
+    schema: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -319,6 +347,7 @@ fn resolve(raw: RawConfig, env: &dyn Env, overrides: &Overrides) -> Result<Confi
     };
     let relay = resolve_relay(raw.relay, env)?;
     let inbox = resolve_inbox(raw.inbox, env)?;
+    let debezium = resolve_debezium(raw.debezium, env, &relay.schemas)?;
     Ok(Config {
         database_url,
         database_max_connections: env_num(
@@ -334,6 +363,7 @@ fn resolve(raw: RawConfig, env: &dyn Env, overrides: &Overrides) -> Result<Confi
         },
         relay,
         inbox,
+        debezium,
         http_addr: http_addr.map(|a| parse_addr(&a)).transpose()?,
         log_format,
         shutdown_grace: Duration::from_millis(
@@ -390,6 +420,8 @@ fn resolve_relay(raw: RawRelay, env: &dyn Env) -> Result<RelayConfig, ConfigErro
             raw.lease_ttl_ms,
             10_000,
         )?,
+        schemas: resolve_schemas(raw.schemas, env)?,
+        cloudevents: resolve_cloudevents(raw.cloudevents, raw.cloudevents_source, env)?,
     };
     if relay.batch_size == 0 || relay.batch_size > 50_000 {
         return Err(ConfigError::invalid(
@@ -429,13 +461,121 @@ fn resolve_relay(raw: RawRelay, env: &dyn Env) -> Result<RelayConfig, ConfigErro
     Ok(relay)
 }
 
-fn resolve_inbox(raw: RawInbox, env: &dyn Env) -> Result<Option<InboxConfig>, ConfigError> {
-    let list = |v: String| {
-        v.split(',')
-            .map(|s| s.trim().to_owned())
-            .filter(|s| !s.is_empty())
-            .collect::<Vec<_>>()
+fn list(v: String) -> Vec<String> {
+    v.split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+fn resolve_schemas(
+    file: Option<Vec<String>>,
+    env: &dyn Env,
+) -> Result<Vec<SchemaName>, ConfigError> {
+    let names = env
+        .get("KURIER_RELAY_SCHEMAS")
+        .map(list)
+        .or(file)
+        .unwrap_or_else(|| vec![crate::schema::DEFAULT_SCHEMA.to_owned()]);
+    if names.is_empty() {
+        return Err(ConfigError::invalid(
+            "relay.schemas (KURIER_RELAY_SCHEMAS)",
+            "empty",
+            "list at least one schema (default [\"kurier\"]), or set relay.enabled = false",
+        ));
+    }
+    let mut out: Vec<SchemaName> = Vec::new();
+    for n in &names {
+        let s = SchemaName::new(n).map_err(|e| {
+            ConfigError::invalid(
+                "relay.schemas (KURIER_RELAY_SCHEMAS)",
+                e,
+                "name schemas like tenant_a",
+            )
+        })?;
+        if !out.contains(&s) {
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
+fn resolve_cloudevents(
+    enabled: Option<bool>,
+    source: Option<String>,
+    env: &dyn Env,
+) -> Result<Option<CloudEventsConfig>, ConfigError> {
+    let enabled = match env.get("KURIER_RELAY_CLOUDEVENTS") {
+        Some(v) => parse_bool("relay.cloudevents (KURIER_RELAY_CLOUDEVENTS)", &v)?,
+        None => enabled.unwrap_or(false),
     };
+    if !enabled {
+        return Ok(None);
+    }
+    let source = env
+        .get("KURIER_RELAY_CLOUDEVENTS_SOURCE")
+        .or(source)
+        .unwrap_or_else(|| "/kurier".to_owned());
+    if source.is_empty() || source.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ConfigError::invalid(
+            "relay.cloudevents_source (KURIER_RELAY_CLOUDEVENTS_SOURCE)",
+            format!("`{}` is not a URI-reference", source.escape_debug()),
+            "use a URI naming this producer, e.g. /orders-service or urn:example:orders",
+        ));
+    }
+    Ok(Some(CloudEventsConfig { source }))
+}
+
+fn resolve_debezium(
+    file: Vec<RawDebezium>,
+    env: &dyn Env,
+    schemas: &[SchemaName],
+) -> Result<Vec<DebeziumTable>, ConfigError> {
+    let key = "debezium (KURIER_DEBEZIUM_TABLES)";
+    let raw: Vec<RawDebezium> = match env.get("KURIER_DEBEZIUM_TABLES") {
+        Some(v) => list(v)
+            .into_iter()
+            .map(|table| RawDebezium {
+                table,
+                topic: env.get("KURIER_DEBEZIUM_TOPIC"),
+                schema: None,
+            })
+            .collect(),
+        None => file,
+    };
+    let mut out = Vec::new();
+    for r in raw {
+        let into = r
+            .schema
+            .as_deref()
+            .map(SchemaName::new)
+            .transpose()
+            .map_err(|e| ConfigError::invalid(key, e, "name a schema listed in relay.schemas"))?
+            .unwrap_or_else(SchemaName::kurier);
+        if !schemas.contains(&into) {
+            return Err(ConfigError::invalid(
+                key,
+                format!(
+                    "table {} goes into schema `{into}`, which no relay serves",
+                    r.table
+                ),
+                format!("add `{into}` to relay.schemas (KURIER_RELAY_SCHEMAS)"),
+            ));
+        }
+        let topic = r.topic.as_deref().unwrap_or(crate::debezium::DEFAULT_TOPIC);
+        let t = DebeziumTable::new(&r.table, topic, into).map_err(|e| {
+            ConfigError::invalid(
+                key,
+                e,
+                "use schema.table and a topic template like outbox.event.${routedByValue}",
+            )
+        })?;
+        out.push(t);
+    }
+    Ok(out)
+}
+
+fn resolve_inbox(raw: RawInbox, env: &dyn Env) -> Result<Option<InboxConfig>, ConfigError> {
     let topics = env
         .get("KURIER_INBOX_TOPICS")
         .map(list)

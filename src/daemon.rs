@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::config::InboxConfig;
@@ -49,11 +50,12 @@ impl Daemon {
     /// (or its grace period has passed) and the HTTP server has stopped.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), Error> {
         let tracker = TaskTracker::new();
+        let backlog = self.backlog()?;
         if let Some(listener) = self.listener {
             crate::http::prometheus();
             let (health, cancel) = (self.health.clone(), cancel.clone());
             tracker.spawn(async move {
-                if let Err(e) = crate::http::serve(listener, health, cancel).await {
+                if let Err(e) = crate::http::serve(listener, health, Some(backlog), cancel).await {
                     tracing::error!(error = %e, "HTTP server failed");
                 }
             });
@@ -77,15 +79,22 @@ impl Daemon {
             tracker.spawn(prune_periodically(pool, inbox, cancel.clone()));
         }
         if c.relay.enabled {
-            let probe = self.health.probe("relay");
-            let relay = Relay::new(
-                c.database_url.clone(),
-                c.kafka.clone(),
-                c.relay.clone(),
-                c.shutdown_grace,
-                probe,
-            );
-            loops.push(tracker.spawn(stop_all_on_error(relay.run(cancel.clone()), cancel.clone())));
+            // One relay loop per schema: each has its own leases, connection
+            // and producer, so one tenant's backlog or poison rows never
+            // stall another's.
+            for schema in &c.relay.schemas {
+                let relay = Relay::new(
+                    schema.clone(),
+                    c.database_url.clone(),
+                    c.kafka.clone(),
+                    c.relay.clone(),
+                    c.shutdown_grace,
+                    self.health.probe(&format!("relay:{schema}")),
+                );
+                let span = tracing::info_span!("relay", schema = %schema);
+                let work = relay.run(cancel.clone()).instrument(span);
+                loops.push(tracker.spawn(stop_all_on_error(work, cancel.clone())));
+            }
         }
         if loops.is_empty() {
             tracing::warn!("neither the relay nor the inbox writer is enabled; serving HTTP only");
@@ -109,6 +118,25 @@ impl Daemon {
         cancel.cancel();
         tracker.wait().await;
         result
+    }
+}
+
+impl Daemon {
+    /// One connection, opened on the first scrape, for the backlog gauges.
+    fn backlog(&self) -> Result<crate::http::Backlog, Error> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_lazy(&self.config.database_url)?;
+        Ok(crate::http::Backlog {
+            pool,
+            schemas: if self.config.relay.enabled {
+                self.config.relay.schemas.clone()
+            } else {
+                Vec::new()
+            },
+            inbox: self.config.inbox.is_some(),
+        })
     }
 }
 

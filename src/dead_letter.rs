@@ -5,16 +5,22 @@
 use sqlx::{PgConnection, PgPool};
 
 use crate::error::Error;
+use crate::schema::SchemaName;
 
 /// Moves outbox row `id` aside with `error`, in one statement (so it is in
 /// exactly one of the two tables at any instant).
-pub async fn bury(conn: &mut PgConnection, id: i64, error: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(
+pub async fn bury(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    id: i64,
+    error: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&schema.sql(
         "WITH gone AS (DELETE FROM kurier.outbox WHERE id = $1 RETURNING *) \
          INSERT INTO kurier.dead_letters \
            (id, message_id, topic, key, payload, payload_bytes, headers, created_at, attempts, error) \
          SELECT id, message_id, topic, key, payload, payload_bytes, headers, created_at, attempts + 1, $2 FROM gone",
-    )
+    ))
     .bind(id)
     .bind(error)
     .execute(conn)
@@ -38,14 +44,18 @@ pub struct DeadLetter {
     pub failed_at: String,
 }
 
-pub async fn list(pool: &PgPool, limit: i64) -> Result<Vec<DeadLetter>, Error> {
-    let rows = sqlx::query_as(
+pub async fn list(
+    pool: &PgPool,
+    schema: &SchemaName,
+    limit: i64,
+) -> Result<Vec<DeadLetter>, Error> {
+    let rows = sqlx::query_as(&schema.sql(
         "SELECT id, message_id, topic, key, coalesce(octet_length(payload::text), octet_length(payload_bytes)) AS payload_size, \
                 attempts, error, \
                 to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS created_at, \
                 to_char(failed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') AS failed_at \
          FROM kurier.dead_letters ORDER BY id LIMIT $1",
-    )
+    ))
     .bind(limit)
     .fetch_all(pool)
     .await?;
@@ -71,12 +81,12 @@ impl Selection {
 /// Puts dead letters back into the outbox with their message ID (consumers
 /// that dedup by `message-id` stay safe). They get new outbox ids, so they are
 /// published after rows of their key that were written meanwhile.
-pub async fn retry(pool: &PgPool, which: &Selection) -> Result<u64, Error> {
-    let moved = sqlx::query(
+pub async fn retry(pool: &PgPool, schema: &SchemaName, which: &Selection) -> Result<u64, Error> {
+    let moved = sqlx::query(&schema.sql(
         "WITH gone AS (DELETE FROM kurier.dead_letters WHERE $1::bigint[] IS NULL OR id = ANY($1) RETURNING *) \
          INSERT INTO kurier.outbox (message_id, topic, key, payload, payload_bytes, headers, created_at) \
          SELECT message_id, topic, key, payload, payload_bytes, headers, created_at FROM gone ORDER BY id",
-    )
+    ))
     .bind(which.ids())
     .execute(pool)
     .await?;
@@ -84,11 +94,9 @@ pub async fn retry(pool: &PgPool, which: &Selection) -> Result<u64, Error> {
 }
 
 /// Deletes dead letters for good.
-pub async fn discard(pool: &PgPool, which: &Selection) -> Result<u64, Error> {
-    let gone =
-        sqlx::query("DELETE FROM kurier.dead_letters WHERE $1::bigint[] IS NULL OR id = ANY($1)")
-            .bind(which.ids())
-            .execute(pool)
-            .await?;
+pub async fn discard(pool: &PgPool, schema: &SchemaName, which: &Selection) -> Result<u64, Error> {
+    let sql =
+        schema.sql("DELETE FROM kurier.dead_letters WHERE $1::bigint[] IS NULL OR id = ANY($1)");
+    let gone = sqlx::query(&sql).bind(which.ids()).execute(pool).await?;
     Ok(gone.rows_affected())
 }

@@ -15,7 +15,7 @@ pub struct Health {
 struct Inner {
     started: Instant,
     /// Each loop's last progress, in milliseconds since `started`.
-    components: Mutex<BTreeMap<&'static str, Arc<AtomicU64>>>,
+    components: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
     database_ok: AtomicBool,
     /// A loop counts as stalled after this long without progress.
     stall_after: Duration,
@@ -41,13 +41,13 @@ impl Health {
     }
 
     /// Registers a loop; readiness requires every registered loop to progress.
-    pub fn probe(&self, name: &'static str) -> Probe {
+    pub fn probe(&self, name: &str) -> Probe {
         let last = Arc::new(AtomicU64::new(0));
         self.inner
             .components
             .lock()
             .expect("health lock")
-            .insert(name, last.clone());
+            .insert(name.to_owned(), last.clone());
         Probe {
             last,
             health: self.clone(),

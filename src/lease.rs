@@ -20,12 +20,15 @@ use std::time::{Duration, Instant};
 
 use sqlx::PgConnection;
 
+use crate::schema::SchemaName;
+
 /// Partitions in the schema (fixed by the migration).
 pub const PARTITIONS: usize = 32;
 
 /// This instance's view of its leases.
 pub struct Leases {
     pub me: String,
+    schema: SchemaName,
     lock: i64,
     ttl: Duration,
     owned: BTreeSet<i16>,
@@ -36,7 +39,11 @@ pub struct Leases {
 
 impl Leases {
     /// Registers this instance on `conn` (a session advisory lock marks it alive).
-    pub async fn register(conn: &mut PgConnection, ttl: Duration) -> Result<Leases, sqlx::Error> {
+    pub async fn register(
+        conn: &mut PgConnection,
+        schema: SchemaName,
+        ttl: Duration,
+    ) -> Result<Leases, sqlx::Error> {
         let me = uuid::Uuid::new_v4().to_string();
         // Positive, so that pg_locks' (classid << 32 | objid) reads it back unchanged.
         let lock = (uuid::Uuid::new_v4().as_u64_pair().0 >> 1) as i64;
@@ -47,6 +54,7 @@ impl Leases {
         let now = Instant::now();
         Ok(Leases {
             me,
+            schema,
             lock,
             ttl,
             owned: BTreeSet::new(),
@@ -86,18 +94,16 @@ impl Leases {
     pub async fn renew(&mut self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
         let started = Instant::now();
         let ttl_secs = self.ttl.as_secs_f64();
-        sqlx::query(
-            "INSERT INTO kurier.relay_instances (owner, owner_lock, heartbeat_at) VALUES ($1, $2, now()) \
-             ON CONFLICT (owner) DO UPDATE SET heartbeat_at = now()",
-        )
+        sqlx::query(&self.schema.sql("INSERT INTO kurier.relay_instances (owner, owner_lock, heartbeat_at) VALUES ($1, $2, now()) \
+             ON CONFLICT (owner) DO UPDATE SET heartbeat_at = now()"))
         .bind(&self.me)
         .bind(self.lock)
         .execute(&mut *conn)
         .await?;
-        let renewed: Vec<i16> = sqlx::query_scalar(
+        let renewed: Vec<i16> = sqlx::query_scalar(&self.schema.sql(
             "UPDATE kurier.relay_leases SET expires_at = now() + make_interval(secs => $2) \
              WHERE owner = $1 AND expires_at > now() RETURNING partition",
-        )
+        ))
         .bind(&self.me)
         .bind(ttl_secs)
         .fetch_all(&mut *conn)
@@ -120,14 +126,12 @@ impl Leases {
     /// Starts the even share: drops dead instances' registrations, counts the live ones.
     async fn rebalance(&mut self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
         let ttl_secs = self.ttl.as_secs_f64();
-        sqlx::query("DELETE FROM kurier.relay_instances WHERE heartbeat_at < now() - make_interval(secs => $1 * 10)")
+        sqlx::query(&self.schema.sql("DELETE FROM kurier.relay_instances WHERE heartbeat_at < now() - make_interval(secs => $1 * 10)"))
             .bind(ttl_secs)
             .execute(&mut *conn)
             .await?;
-        let live: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM kurier.relay_instances \
-             WHERE heartbeat_at > now() - make_interval(secs => $1) AND kurier.lock_held(owner_lock)",
-        )
+        let live: i64 = sqlx::query_scalar(&self.schema.sql("SELECT count(*) FROM kurier.relay_instances \
+             WHERE heartbeat_at > now() - make_interval(secs => $1) AND kurier.lock_held(owner_lock)"))
         .bind(ttl_secs)
         .fetch_one(&mut *conn)
         .await?;
@@ -137,13 +141,14 @@ impl Leases {
         } else if self.owned.len() < target {
             self.take(conn, target - self.owned.len()).await?;
         }
-        metrics::gauge!("kurier_relay_partitions_owned").set(self.owned.len() as f64);
+        metrics::gauge!("kurier_relay_partitions_owned", "schema" => self.schema.to_string())
+            .set(self.owned.len() as f64);
         Ok(())
     }
 
     async fn release(&mut self, conn: &mut PgConnection, n: usize) -> Result<(), sqlx::Error> {
         let extra: Vec<i16> = self.owned.iter().rev().take(n).copied().collect();
-        sqlx::query("UPDATE kurier.relay_leases SET owner = NULL, owner_lock = NULL, expires_at = NULL WHERE owner = $1 AND partition = ANY($2)")
+        sqlx::query(&self.schema.sql("UPDATE kurier.relay_leases SET owner = NULL, owner_lock = NULL, expires_at = NULL WHERE owner = $1 AND partition = ANY($2)"))
             .bind(&self.me)
             .bind(&extra)
             .execute(&mut *conn)
@@ -156,7 +161,7 @@ impl Leases {
     }
 
     async fn take(&mut self, conn: &mut PgConnection, n: usize) -> Result<(), sqlx::Error> {
-        let taken: Vec<i16> = sqlx::query_scalar(
+        let taken: Vec<i16> = sqlx::query_scalar(&self.schema.sql(
             "UPDATE kurier.relay_leases SET owner = $1, owner_lock = $2, epoch = epoch + 1, \
                     expires_at = now() + make_interval(secs => $3) \
              WHERE partition IN (SELECT partition FROM kurier.relay_leases \
@@ -164,7 +169,7 @@ impl Leases {
                                     OR NOT kurier.lock_held(owner_lock) \
                                  ORDER BY partition LIMIT $4 FOR UPDATE SKIP LOCKED) \
              RETURNING partition",
-        )
+        ))
         .bind(&self.me)
         .bind(self.lock)
         .bind(self.ttl.as_secs_f64())
@@ -180,14 +185,18 @@ impl Leases {
 
     /// Gives every lease back at shutdown, so others take over at once.
     pub async fn release_all(&mut self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE kurier.relay_leases SET owner = NULL, owner_lock = NULL, expires_at = NULL WHERE owner = $1")
+        sqlx::query(&self.schema.sql("UPDATE kurier.relay_leases SET owner = NULL, owner_lock = NULL, expires_at = NULL WHERE owner = $1"))
             .bind(&self.me)
             .execute(&mut *conn)
             .await?;
-        sqlx::query("DELETE FROM kurier.relay_instances WHERE owner = $1")
-            .bind(&self.me)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query(
+            &self
+                .schema
+                .sql("DELETE FROM kurier.relay_instances WHERE owner = $1"),
+        )
+        .bind(&self.me)
+        .execute(&mut *conn)
+        .await?;
         self.owned.clear();
         Ok(())
     }

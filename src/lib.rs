@@ -23,6 +23,7 @@ pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod dead_letter;
+pub mod debezium;
 pub mod error;
 pub mod health;
 pub mod http;
@@ -36,6 +37,7 @@ pub mod relay;
 pub mod schema;
 pub mod status;
 pub mod telemetry;
+pub mod trace;
 
 pub use config::Config;
 pub use daemon::Daemon;

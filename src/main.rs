@@ -19,13 +19,17 @@ struct Cli {
     /// Address of /healthz, /readyz and /metrics (e.g. 127.0.0.1:9187).
     #[arg(long, global = true)]
     http_addr: Option<String>,
+    /// The Kurier schema `status` and `dead-letters` look at (one of relay.schemas).
+    #[arg(long, global = true, default_value = "kurier")]
+    schema: String,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create or update the `kurier` schema (idempotent, safe to run concurrently).
+    /// Create or update the `kurier` schema, every schema in relay.schemas, and the
+    /// capture triggers of Debezium-shape tables (idempotent, safe to run concurrently).
     Migrate,
     /// Run the relay until SIGTERM/SIGINT.
     Run,
@@ -125,7 +129,14 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(dispatch(cli.command, config)) {
+    let schema = match kurier::schema::SchemaName::new(&cli.schema) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("kurier: --schema refused: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command, config, schema)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -135,13 +146,21 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
+async fn dispatch(
+    command: Command,
+    config: Config,
+    schema: kurier::schema::SchemaName,
+) -> anyhow::Result<()> {
     match command {
         Command::Migrate => {
-            kurier::schema::migrate(&config.database_url)
+            kurier::schema::migrate(&config.database_url, &config.relay.schemas)
                 .await
                 .context("migrate")?;
-            tracing::info!("schema kurier is up to date");
+            kurier::debezium::install(&config.database_url, &config.debezium)
+                .await
+                .context("install Debezium-shape capture triggers")?;
+            let schemas: Vec<String> = config.relay.schemas.iter().map(|s| s.to_string()).collect();
+            tracing::info!(schemas = ?schemas, debezium_tables = config.debezium.len(), "schema up to date");
         }
         Command::Run => run(config).await?,
         Command::Check => check(&config).await?,
@@ -149,7 +168,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             let pool = sqlx::PgPool::connect(&config.database_url)
                 .await
                 .context("connect to the database")?;
-            let status = kurier::status::outbox(&pool).await?;
+            let status = kurier::status::outbox(&pool, &schema).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -157,7 +176,7 @@ async fn dispatch(command: Command, config: Config) -> anyhow::Result<()> {
             }
         }
         Command::Inbox(cmd) => inbox(cmd, &config).await?,
-        Command::DeadLetters(cmd) => dead_letters(cmd, &config).await?,
+        Command::DeadLetters(cmd) => dead_letters(cmd, &config, &schema).await?,
     }
     Ok(())
 }
@@ -176,14 +195,18 @@ async fn check(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn dead_letters(cmd: DeadLetterCommand, config: &Config) -> anyhow::Result<()> {
+async fn dead_letters(
+    cmd: DeadLetterCommand,
+    config: &Config,
+    schema: &kurier::schema::SchemaName,
+) -> anyhow::Result<()> {
     use kurier::dead_letter;
     let pool = sqlx::PgPool::connect(&config.database_url)
         .await
         .context("connect to the database")?;
     match cmd {
         DeadLetterCommand::List { json, limit } => {
-            let rows = dead_letter::list(&pool, limit).await?;
+            let rows = dead_letter::list(&pool, schema, limit).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
@@ -210,11 +233,11 @@ async fn dead_letters(cmd: DeadLetterCommand, config: &Config) -> anyhow::Result
         }
         DeadLetterCommand::Retry(which) => println!(
             "moved {} dead letter(s) back to the outbox",
-            dead_letter::retry(&pool, &which.selection()).await?
+            dead_letter::retry(&pool, schema, &which.selection()).await?
         ),
         DeadLetterCommand::Discard(which) => println!(
             "discarded {} dead letter(s)",
-            dead_letter::discard(&pool, &which.selection()).await?
+            dead_letter::discard(&pool, schema, &which.selection()).await?
         ),
     }
     Ok(())

@@ -12,6 +12,7 @@ use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
 use crate::error::Error;
+use crate::schema::SchemaName;
 
 /// What a Kafka record's value is made of.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,6 +110,15 @@ impl Message {
 /// connection, or (the point of the pattern) the caller's open transaction.
 /// Returns the message ID that the Kafka record will carry as `message-id`.
 pub async fn enqueue<'e, E: PgExecutor<'e>>(executor: E, msg: &Message) -> Result<Uuid, Error> {
+    enqueue_into(executor, &SchemaName::kurier(), msg).await
+}
+
+/// [`enqueue`] into the outbox of another Kurier schema (see `relay.schemas`).
+pub async fn enqueue_into<'e, E: PgExecutor<'e>>(
+    executor: E,
+    schema: &SchemaName,
+    msg: &Message,
+) -> Result<Uuid, Error> {
     msg.validate()?;
     let (json, bytes) = match &msg.payload {
         Payload::Json(v) => (Some(v), None),
@@ -116,7 +126,8 @@ pub async fn enqueue<'e, E: PgExecutor<'e>>(executor: E, msg: &Message) -> Resul
         Payload::Tombstone => (None, None),
     };
     let headers = serde_json::to_value(&msg.headers).expect("string map serialises");
-    let id = sqlx::query_scalar(ENQUEUE)
+    let sql = schema.sql(ENQUEUE);
+    let id = sqlx::query_scalar(&sql)
         .bind(msg.message_id)
         .bind(&msg.topic)
         .bind(&msg.key)
@@ -199,11 +210,12 @@ const CLAIM: &str = "SELECT id, message_id, topic, key, payload::text AS payload
 /// (checked by the database clock in the same statement: the fence).
 pub async fn claim(
     conn: &mut PgConnection,
+    schema: &SchemaName,
     owner: &str,
     limit: u32,
     max_bytes: u64,
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
-    sqlx::query_as(CLAIM)
+    sqlx::query_as(&schema.sql(CLAIM))
         .bind(i64::from(limit))
         .bind(max_bytes as i64)
         .bind(owner)
@@ -212,11 +224,15 @@ pub async fn claim(
 }
 
 /// Removes rows whose delivery report said "acknowledged".
-pub async fn delete_published(conn: &mut PgConnection, ids: &[i64]) -> Result<u64, sqlx::Error> {
+pub async fn delete_published(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    ids: &[i64],
+) -> Result<u64, sqlx::Error> {
     if ids.is_empty() {
         return Ok(0);
     }
-    let done = sqlx::query("DELETE FROM kurier.outbox WHERE id = ANY($1)")
+    let done = sqlx::query(&schema.sql("DELETE FROM kurier.outbox WHERE id = ANY($1)"))
         .bind(ids)
         .execute(conn)
         .await?;
@@ -226,14 +242,15 @@ pub async fn delete_published(conn: &mut PgConnection, ids: &[i64]) -> Result<u6
 /// Records a failed attempt and when to try again.
 pub async fn schedule_retry(
     conn: &mut PgConnection,
+    schema: &SchemaName,
     id: i64,
     error: &str,
     delay: Duration,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query(&schema.sql(
         "UPDATE kurier.outbox SET attempts = attempts + 1, last_error = $2, \
          retry_at = now() + make_interval(secs => $3) WHERE id = $1",
-    )
+    ))
     .bind(id)
     .bind(error)
     .bind(delay.as_secs_f64())

@@ -8,7 +8,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
-use crate::config::KafkaConfig;
+use crate::config::{CloudEventsConfig, KafkaConfig};
 use crate::error::Error;
 use crate::outbox::{validate_topic, OutboxRow};
 
@@ -38,24 +38,50 @@ impl Failure {
     }
 }
 
+/// A record handed to the producer: its delivery report, and the span it is
+/// traced in (`Span::none()` without a `traceparent`).
+pub struct Sent {
+    pub report: DeliveryFuture,
+    pub span: tracing::Span,
+}
+
 /// Owns the producer. Settings that the delivery guarantees depend on are
 /// fixed here; everything else passes through from `kafka.properties`.
 pub struct Publisher {
     producer: FutureProducer,
+    cloudevents_source: Option<String>,
 }
 
 impl Publisher {
-    pub fn new(cfg: &KafkaConfig) -> Result<Self, Error> {
+    pub fn new(cfg: &KafkaConfig, cloudevents: Option<&CloudEventsConfig>) -> Result<Self, Error> {
         Ok(Publisher {
             producer: client_config(cfg).create()?,
+            cloudevents_source: cloudevents.map(|c| c.source.clone()),
         })
     }
 
     /// Hands one row to the producer. The returned future resolves with the
     /// delivery report; only that report may finish the row.
-    pub fn send(&self, row: &OutboxRow) -> Result<DeliveryFuture, Failure> {
+    pub fn send(&self, row: &OutboxRow) -> Result<Sent, Failure> {
         validate_topic(&row.topic).map_err(|e| Failure::Permanent(e.to_string()))?;
-        let headers = record_headers(&row.headers, &row.message_id.to_string())?;
+        let message_id = row.message_id.to_string();
+        let extra = Extra {
+            message_id: &message_id,
+            cloudevents_source: self.cloudevents_source.as_deref(),
+            topic: &row.topic,
+            content_type: if row.payload_text.is_some() {
+                Some("application/json")
+            } else if row.payload_bytes.is_some() {
+                Some("application/octet-stream")
+            } else {
+                None
+            },
+        };
+        let RecordHeaders {
+            headers,
+            traceparent,
+        } = record_headers(&row.headers, &extra)?;
+        let span = crate::trace::publish_span(traceparent.as_deref(), &message_id, &row.topic);
         let mut record: FutureRecord<'_, [u8], [u8]> =
             FutureRecord::to(&row.topic).headers(headers);
         if let Some(key) = &row.key {
@@ -64,9 +90,11 @@ impl Publisher {
         if let Some(value) = row.value() {
             record = record.payload(value);
         }
-        self.producer
+        let report = self
+            .producer
             .send_result(record)
-            .map_err(|(e, _)| classify(&e))
+            .map_err(|(e, _)| classify(&e))?;
+        Ok(Sent { report, span })
     }
 
     /// Waits for everything handed to the producer (used at shutdown).
@@ -110,12 +138,33 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// The row's `headers` object plus `message-id`. Values must be strings (or
-/// null, meaning a header without value); anything else is malformed input.
-pub fn record_headers(headers_json: &str, message_id: &str) -> Result<OwnedHeaders, Failure> {
+/// What the relay adds to a record besides the row's own headers.
+#[derive(Debug, Clone, Copy)]
+pub struct Extra<'a> {
+    pub message_id: &'a str,
+    /// CloudEvents binary mode: `ce_source`, when enabled.
+    pub cloudevents_source: Option<&'a str>,
+    pub topic: &'a str,
+    /// `application/json` for JSON payloads, `application/octet-stream` for
+    /// bytes, `None` for a tombstone.
+    pub content_type: Option<&'a str>,
+}
+
+/// Kafka headers of one record, and the W3C trace context found among them.
+#[derive(Debug)]
+pub struct RecordHeaders {
+    pub headers: OwnedHeaders,
+    pub traceparent: Option<String>,
+}
+
+/// The row's `headers` object plus `message-id` (and the CloudEvents
+/// attributes when enabled). Values must be strings (or null, meaning a
+/// header without value); anything else is malformed input.
+pub fn record_headers(headers_json: &str, extra: &Extra<'_>) -> Result<RecordHeaders, Failure> {
     let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(headers_json)
         .map_err(|e| Failure::Permanent(format!("headers are not a JSON object: {e}")))?;
-    let mut out = OwnedHeaders::new_with_capacity(map.len() + 1);
+    let mut out = OwnedHeaders::new_with_capacity(map.len() + 6);
+    let mut traceparent = None;
     for (name, value) in &map {
         if name == MESSAGE_ID_HEADER {
             return Err(Failure::Permanent(
@@ -123,7 +172,12 @@ pub fn record_headers(headers_json: &str, message_id: &str) -> Result<OwnedHeade
             ));
         }
         out = match value {
-            serde_json::Value::String(s) => out.insert(Header { key: name, value: Some(s.as_bytes()) }),
+            serde_json::Value::String(s) => {
+                if name == TRACEPARENT_HEADER {
+                    traceparent = Some(s.clone());
+                }
+                out.insert(Header { key: name, value: Some(s.as_bytes()) })
+            }
             serde_json::Value::Null => out.insert(Header { key: name, value: None::<&[u8]> }),
             other => {
                 return Err(Failure::Permanent(format!(
@@ -132,10 +186,49 @@ pub fn record_headers(headers_json: &str, message_id: &str) -> Result<OwnedHeade
             }
         };
     }
-    Ok(out.insert(Header {
+    out = out.insert(Header {
         key: MESSAGE_ID_HEADER,
-        value: Some(message_id.as_bytes()),
-    }))
+        value: Some(extra.message_id.as_bytes()),
+    });
+    if let Some(source) = extra.cloudevents_source {
+        for (name, value) in cloudevent_attributes(&map, extra, source) {
+            out = out.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
+        }
+    }
+    Ok(RecordHeaders {
+        headers: out,
+        traceparent,
+    })
+}
+
+/// The W3C Trace Context header, passed through and used to link the relay's span.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// CloudEvents 1.0 required attributes in the Kafka binding's binary mode
+/// (`ce_` headers, `content-type` for datacontenttype). A header the row
+/// already carries wins, so a service can set its own `ce_type`.
+fn cloudevent_attributes<'a>(
+    row: &'a serde_json::Map<String, serde_json::Value>,
+    extra: &Extra<'a>,
+    source: &'a str,
+) -> Vec<(&'static str, &'a str)> {
+    let row_str = |k: &str| row.get(k).and_then(|v| v.as_str());
+    // Debezium-shape rows carry the event type in `type`; otherwise the topic names it.
+    let ty = row_str("type").unwrap_or(extra.topic);
+    let mut attrs = vec![
+        ("ce_specversion", "1.0"),
+        ("ce_id", extra.message_id),
+        ("ce_source", source),
+        ("ce_type", ty),
+    ];
+    if let Some(ct) = extra.content_type {
+        attrs.push(("content-type", ct));
+    }
+    attrs.retain(|(k, _)| !row.contains_key(*k));
+    attrs
 }
 
 /// Sorts a producer error into the three ways of handling it.
@@ -172,8 +265,10 @@ mod tests {
 
     #[test]
     fn headers_map_with_message_id_last() {
-        let h = record_headers(r#"{"traceparent":"00-ab","empty":null}"#, "id-1").unwrap();
+        let h = record_headers(r#"{"traceparent":"00-ab","empty":null}"#, &extra(None)).unwrap();
+        assert_eq!(h.traceparent.as_deref(), Some("00-ab"));
         let got: Vec<(String, Option<Vec<u8>>)> = h
+            .headers
             .iter()
             .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
             .collect();
@@ -187,9 +282,62 @@ mod tests {
         );
     }
 
+    fn extra(source: Option<&str>) -> Extra<'_> {
+        Extra {
+            message_id: "id-1",
+            cloudevents_source: source,
+            topic: "orders",
+            content_type: Some("application/json"),
+        }
+    }
+
+    #[test]
+    fn cloudevents_binary_mode_headers() {
+        let h =
+            record_headers(r#"{"ce_type":"com.example.placed"}"#, &extra(Some("/shop"))).unwrap();
+        let got: Vec<(String, String)> = h
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.key.to_owned(),
+                    String::from_utf8(h.value.unwrap().to_vec()).unwrap(),
+                )
+            })
+            .collect();
+        let expect = [
+            ("ce_type", "com.example.placed"),
+            ("message-id", "id-1"),
+            ("ce_specversion", "1.0"),
+            ("ce_id", "id-1"),
+            ("ce_source", "/shop"),
+            ("content-type", "application/json"),
+        ];
+        let expect: Vec<(String, String)> = expect
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(got, expect);
+        // Without ce_type in the row, `type` (Debezium shape) or else the topic names it.
+        let ty = |json| {
+            let h = record_headers(json, &extra(Some("/s"))).unwrap();
+            let v = h
+                .headers
+                .iter()
+                .find(|h| h.key == "ce_type")
+                .unwrap()
+                .value
+                .unwrap()
+                .to_vec();
+            String::from_utf8(v).unwrap()
+        };
+        assert_eq!(ty(r#"{"type":"OrderPlaced"}"#), "OrderPlaced");
+        assert_eq!(ty("{}"), "orders");
+    }
+
     #[test]
     fn non_string_header_is_permanent() {
-        let err = record_headers(r#"{"n":1}"#, "x").unwrap_err();
+        let err = record_headers(r#"{"n":1}"#, &extra(None)).unwrap_err();
         assert!(
             matches!(err, Failure::Permanent(ref r) if r.contains("`n`")),
             "{err:?}"

@@ -29,7 +29,9 @@ use crate::error::{explain_setup, Error};
 use crate::health::Probe;
 use crate::lease::Leases;
 use crate::outbox::{self, OutboxRow};
-use crate::publisher::{classify, Failure, Publisher};
+use crate::publisher::{classify, Failure, Publisher, Sent};
+use crate::schema::SchemaName;
+use tracing::Instrument;
 
 /// The NOTIFY channel of the optional trigger (`migrations/0001_outbox.sql`).
 pub const CHANNEL: &str = "kurier_outbox";
@@ -44,6 +46,7 @@ enum Outcome {
 }
 
 pub struct Relay {
+    schema: SchemaName,
     database_url: String,
     kafka: KafkaConfig,
     cfg: RelayConfig,
@@ -53,6 +56,7 @@ pub struct Relay {
 
 impl Relay {
     pub fn new(
+        schema: SchemaName,
         database_url: String,
         kafka: KafkaConfig,
         cfg: RelayConfig,
@@ -60,6 +64,7 @@ impl Relay {
         health: Probe,
     ) -> Self {
         Relay {
+            schema,
             database_url,
             kafka,
             cfg,
@@ -70,7 +75,7 @@ impl Relay {
 
     /// Runs until `cancel` fires (then `Ok`) or an error that cannot heal.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), Error> {
-        let mut publisher = Publisher::new(&self.kafka)?;
+        let mut publisher = Publisher::new(&self.kafka, self.cfg.cloudevents.as_ref())?;
         let mut reconnect = self.backoff();
         while !cancel.is_cancelled() {
             match self.connect_and_serve(&mut publisher, &cancel).await {
@@ -98,8 +103,9 @@ impl Relay {
         cancel: &CancellationToken,
     ) -> Result<(), Error> {
         let mut conn = PgConnection::connect(&self.database_url).await?;
-        crate::schema::ensure_migrated(&mut conn).await?;
-        let mut leases = Leases::register(&mut conn, self.cfg.lease_ttl).await?;
+        crate::schema::ensure_migrated(&mut conn, &self.schema).await?;
+        let mut leases =
+            Leases::register(&mut conn, self.schema.clone(), self.cfg.lease_ttl).await?;
         let result = self.serve(&mut conn, &mut leases, publisher, cancel).await;
         if result.is_ok() {
             if let Err(e) = leases.release_all(&mut conn).await {
@@ -128,6 +134,7 @@ impl Relay {
             } else {
                 outbox::claim(
                     conn,
+                    &self.schema,
                     &leases.me,
                     self.cfg.batch_size,
                     self.cfg.max_batch_bytes,
@@ -156,7 +163,7 @@ impl Relay {
             let transient = self.finish(conn, &rows, &outcomes).await?;
             if let Some(fatal) = publisher.fatal_error() {
                 tracing::error!(error = %fatal, "producer hit a fatal error; building a new one");
-                *publisher = Publisher::new(&self.kafka)?;
+                *publisher = Publisher::new(&self.kafka, self.cfg.cloudevents.as_ref())?;
             }
             if transient == 0 {
                 pause = self.backoff();
@@ -167,7 +174,7 @@ impl Relay {
                 // Nothing is in flight now. A fresh producer (new producer id) avoids
                 // an idempotent producer left waiting to recover its sequence
                 // numbers after timed-out messages, which some brokers never allow.
-                *publisher = Publisher::new(&self.kafka)?;
+                *publisher = Publisher::new(&self.kafka, self.cfg.cloudevents.as_ref())?;
                 sleep_unless_cancelled(delay, cancel).await;
             }
         }
@@ -194,7 +201,14 @@ impl Relay {
                 continue;
             }
             match publisher.send(row) {
-                Ok(report) => pending.push(async move { (i, report.await) }),
+                Ok(Sent { report, span }) => pending.push(
+                    async move {
+                        let report = report.await;
+                        crate::trace::delivered(matches!(report, Ok(Ok(_))));
+                        (i, report)
+                    }
+                    .instrument(span),
+                ),
                 Err(Failure::Transient(why)) => {
                     // Queue full or broker gone: keep the rest for the next round, in order.
                     outcomes[i] = Outcome::Failed(Failure::Transient(why));
@@ -244,7 +258,7 @@ impl Relay {
             .map(|(r, _)| r)
             .collect();
         let ids: Vec<i64> = delivered.iter().map(|r| r.id).collect();
-        outbox::delete_published(conn, &ids).await?;
+        outbox::delete_published(conn, &self.schema, &ids).await?;
         count_per_topic("kurier_outbox_published_total", delivered.into_iter());
         let mut transient = 0;
         for (row, outcome) in rows.iter().zip(outcomes) {
@@ -258,11 +272,11 @@ impl Relay {
                 Failure::Row(why) if (row.attempts as u32) + 1 < self.cfg.max_attempts => {
                     let delay = self.row_backoff(row.attempts);
                     tracing::warn!(id = row.id, message_id = %row.message_id, attempts = row.attempts + 1, retry_in = ?delay, error = %why, "row failed; will retry");
-                    outbox::schedule_retry(conn, row.id, why, delay).await?;
+                    outbox::schedule_retry(conn, &self.schema, row.id, why, delay).await?;
                 }
                 Failure::Row(why) | Failure::Permanent(why) => {
-                    tracing::error!(id = row.id, message_id = %row.message_id, topic = %row.topic, error = %why, "row cannot be published; moved to kurier.dead_letters");
-                    dead_letter::bury(conn, row.id, why).await?;
+                    tracing::error!(id = row.id, message_id = %row.message_id, topic = %row.topic, error = %why, "row cannot be published; moved to dead_letters");
+                    dead_letter::bury(conn, &self.schema, row.id, why).await?;
                     metrics::counter!("kurier_outbox_dead_lettered_total", "topic" => row.topic.clone()).increment(1);
                 }
             }

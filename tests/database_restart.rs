@@ -119,7 +119,7 @@ fn private_pg() -> PrivatePg {
 async fn relay_survives_a_postgresql_restart_mid_stream() {
     let (pg, brokers, topic) = (private_pg(), brokers(), unique("pg-restart"));
     create_topic(&brokers, &topic, 3).await;
-    kurier::schema::migrate(&pg.url()).await.unwrap();
+    kurier::schema::migrate(&pg.url(), &[]).await.unwrap();
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(8)
         .connect(&pg.url())

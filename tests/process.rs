@@ -356,5 +356,5 @@ async fn check_and_status_report_problems_with_their_fixes() {
     );
     assert_eq!(s["dead_letters"], 0);
     let (_, table) = run(&["status"], &db.url, &brokers);
-    assert!(table.starts_with("outbox: 3 pending"), "{table}");
+    assert!(table.starts_with("outbox kurier: 3 pending"), "{table}");
 }

@@ -241,11 +241,11 @@ async fn key_to_partition_matches_the_java_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_is_idempotent_and_safe_concurrently() {
     let url = fresh_empty_db().await;
-    let runs: Vec<_> = (0..4).map(|_| kurier::schema::migrate(&url)).collect();
+    let runs: Vec<_> = (0..4).map(|_| kurier::schema::migrate(&url, &[])).collect();
     for r in futures::future::join_all(runs).await {
         r.expect("concurrent migrate");
     }
-    kurier::schema::migrate(&url)
+    kurier::schema::migrate(&url, &[])
         .await
         .expect("second migrate is a no-op");
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
@@ -329,7 +329,9 @@ async fn poison_rows_are_dead_lettered_and_good_rows_flow_in_order() {
     assert!(!relay.handle.is_finished(), "the daemon stays up");
 
     // Operators: list, retry (the bad-header row, after fixing it), discard the rest.
-    let listed = kurier::dead_letter::list(&db.pool, 10).await.unwrap();
+    let listed = kurier::dead_letter::list(&db.pool, &kurier::schema::SchemaName::kurier(), 10)
+        .await
+        .unwrap();
     assert_eq!(listed.len(), 3);
     assert!(listed[1].payload_size.unwrap() > 3_000_000);
     sqlx::query("UPDATE kurier.dead_letters SET headers = '{\"n\": \"1\"}' WHERE id = $1")
@@ -339,6 +341,7 @@ async fn poison_rows_are_dead_lettered_and_good_rows_flow_in_order() {
         .unwrap();
     let retried = kurier::dead_letter::retry(
         &db.pool,
+        &kurier::schema::SchemaName::kurier(),
         &kurier::dead_letter::Selection::Ids(vec![listed[2].id]),
     )
     .await
@@ -348,9 +351,13 @@ async fn poison_rows_are_dead_lettered_and_good_rows_flow_in_order() {
     read_ids(&brokers, &topic, &HashSet::from([fixed]), READ);
     wait_drained(&db.pool, Duration::from_secs(10)).await;
     assert_eq!(
-        kurier::dead_letter::discard(&db.pool, &kurier::dead_letter::Selection::All)
-            .await
-            .unwrap(),
+        kurier::dead_letter::discard(
+            &db.pool,
+            &kurier::schema::SchemaName::kurier(),
+            &kurier::dead_letter::Selection::All
+        )
+        .await
+        .unwrap(),
         2
     );
     relay.stop().await;
@@ -366,9 +373,13 @@ async fn a_claim_is_bounded_by_bytes_as_well_as_rows() {
             .unwrap();
     }
     let mut conn = db.pool.acquire().await.unwrap();
-    let mut leases = kurier::lease::Leases::register(&mut conn, Duration::from_secs(30))
-        .await
-        .unwrap();
+    let mut leases = kurier::lease::Leases::register(
+        &mut conn,
+        kurier::schema::SchemaName::kurier(),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
     let me = leases.me.clone();
     assert!(
         claim_ids(&mut conn, &me, 100, 1 << 30).await.is_empty(),
@@ -391,12 +402,18 @@ async fn a_claim_is_bounded_by_bytes_as_well_as_rows() {
 }
 
 async fn claim_ids(conn: &mut sqlx::PgConnection, me: &str, limit: u32, bytes: u64) -> Vec<i64> {
-    kurier::outbox::claim(conn, me, limit, bytes)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.id)
-        .collect()
+    kurier::outbox::claim(
+        conn,
+        &kurier::schema::SchemaName::kurier(),
+        me,
+        limit,
+        bytes,
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.id)
+    .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -49,7 +49,7 @@ pub struct TestDb {
 
 pub async fn fresh_db() -> TestDb {
     let url = fresh_empty_db().await;
-    kurier::schema::migrate(&url).await.expect("migrate");
+    kurier::schema::migrate(&url, &[]).await.expect("migrate");
     let pool = PgPoolOptions::new()
         .max_connections(16)
         .connect(&url)
@@ -581,6 +581,11 @@ pub async fn assert_inbox_exactly(
 
 /// The status code of `GET path` on the daemon's HTTP listener.
 pub async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
+    http_get(addr, path).await.0
+}
+
+/// Status code and body of a GET.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
@@ -590,8 +595,14 @@ pub async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
         .unwrap();
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.unwrap();
-    buf.split_whitespace()
+    let code = buf
+        .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
 }

@@ -93,3 +93,35 @@ impl Probe {
         self.health.set_database(ok);
     }
 }
+
+/// Asks the broker for metadata at most every few seconds while a loop is
+/// idle, so that readiness turns false when the broker is gone even with
+/// nothing to do.
+#[derive(Default)]
+pub struct BrokerProbe {
+    last: Option<(Instant, bool)>,
+}
+
+impl BrokerProbe {
+    const EVERY: Duration = Duration::from_secs(5);
+
+    /// `check` runs on a blocking thread (librdkafka's metadata call blocks).
+    pub async fn reachable(&mut self, check: impl FnOnce() -> bool + Send + 'static) -> bool {
+        if let Some((at, ok)) = self.last {
+            if at.elapsed() < Self::EVERY {
+                return ok;
+            }
+        }
+        let ok = tokio::task::spawn_blocking(check).await.unwrap_or(false);
+        if !ok {
+            tracing::warn!("broker unreachable (metadata request failed) while idle");
+        }
+        self.last = Some((Instant::now(), ok));
+        ok
+    }
+}
+
+/// Whether the cluster answers a metadata request within 2 s.
+pub fn metadata_ok<C: rdkafka::ClientContext>(client: &rdkafka::client::Client<C>) -> bool {
+    client.fetch_metadata(None, Duration::from_secs(2)).is_ok()
+}

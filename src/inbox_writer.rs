@@ -7,6 +7,7 @@
 //! `ON CONFLICT (consumer, message_id) DO NOTHING` drops the copies.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -18,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{InboxConfig, KafkaConfig};
 use crate::error::{explain_setup, Error};
-use crate::health::Probe;
+use crate::health::{metadata_ok, BrokerProbe, Probe};
 
 /// Producer-only settings in `kafka.properties` that a consumer would warn about.
 const PRODUCER_ONLY: &[&str] = &[
@@ -71,15 +72,16 @@ impl InboxWriter {
 
     /// Consumes until `cancel` fires, then commits the stored offsets.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), Error> {
-        let consumer: StreamConsumer = self.client_config().create()?;
+        let consumer: Arc<StreamConsumer> = Arc::new(self.client_config().create()?);
         let topics: Vec<&str> = self.cfg.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         tracing::info!(consumer = %self.cfg.consumer, topics = ?self.cfg.topics, "inbox writer consuming");
         let mut commits = 0u64;
+        let mut broker_probe = BrokerProbe::default();
         loop {
             let batch = tokio::select! {
                 _ = cancel.cancelled() => break,
-                b = self.next_batch(&consumer) => b,
+                b = self.next_batch(&consumer, &mut broker_probe) => b,
             };
             let received: Vec<Received> = batch.iter().map(|m| self.received(m)).collect();
             if !self.store_with_retry(&received, &cancel).await? {
@@ -127,7 +129,11 @@ impl InboxWriter {
     }
 
     /// Waits for one message, then takes what else arrives within `batch_wait`.
-    async fn next_batch<'c>(&self, consumer: &'c StreamConsumer) -> Vec<BorrowedMessage<'c>> {
+    async fn next_batch<'c>(
+        &self,
+        consumer: &'c Arc<StreamConsumer>,
+        broker_probe: &mut BrokerProbe,
+    ) -> Vec<BorrowedMessage<'c>> {
         let mut batch = Vec::new();
         while batch.is_empty() {
             match tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await {
@@ -136,8 +142,16 @@ impl InboxWriter {
                     tracing::warn!(error = %e, "inbox consumer error");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                // Nothing to consume is not a stall.
-                Err(_) => self.health.progress(),
+                // Nothing to consume is not a stall, as long as the broker answers.
+                Err(_) => {
+                    let c = Arc::clone(consumer);
+                    if broker_probe
+                        .reachable(move || metadata_ok(c.client()))
+                        .await
+                    {
+                        self.health.progress();
+                    }
+                }
             }
         }
         let deadline = tokio::time::Instant::now() + self.cfg.batch_wait;

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{KafkaConfig, RelayConfig};
 use crate::dead_letter;
 use crate::error::{explain_setup, Error};
-use crate::health::Probe;
+use crate::health::{metadata_ok, BrokerProbe, Probe};
 use crate::lease::Leases;
 use crate::outbox::{self, OutboxRow};
 use crate::publisher::{classify, Failure, Publisher, Sent};
@@ -145,7 +145,14 @@ impl Relay {
             if rows.is_empty() {
                 // Idle is progress only while the broker answers: readiness
                 // must turn false when it is gone, even with nothing to publish.
-                if broker_probe.reachable(publisher).await {
+                let producer = publisher.producer().clone();
+                if broker_probe
+                    .reachable(move || {
+                        use rdkafka::producer::Producer;
+                        metadata_ok(producer.client())
+                    })
+                    .await
+                {
                     self.health.progress();
                 }
                 self.idle(&mut listener, cancel, leases.until_heartbeat())
@@ -339,39 +346,6 @@ impl Relay {
         self.backoff()
             .nth(attempts.max(0) as usize)
             .unwrap_or(self.cfg.retry_max)
-    }
-}
-
-/// Asks the broker for metadata at most every few seconds while idle.
-#[derive(Default)]
-struct BrokerProbe {
-    last: Option<(Instant, bool)>,
-}
-
-impl BrokerProbe {
-    const EVERY: Duration = Duration::from_secs(5);
-
-    async fn reachable(&mut self, publisher: &Publisher) -> bool {
-        if let Some((at, ok)) = self.last {
-            if at.elapsed() < Self::EVERY {
-                return ok;
-            }
-        }
-        let producer = publisher.producer().clone();
-        let ok = tokio::task::spawn_blocking(move || {
-            use rdkafka::producer::Producer;
-            producer
-                .client()
-                .fetch_metadata(None, Duration::from_secs(2))
-                .is_ok()
-        })
-        .await
-        .unwrap_or(false);
-        if !ok {
-            tracing::warn!("broker unreachable (metadata request failed) while idle");
-        }
-        self.last = Some((Instant::now(), ok));
-        ok
     }
 }
 

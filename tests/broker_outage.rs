@@ -196,3 +196,62 @@ async fn broker_unreachable_then_back_loses_nothing() {
     cancel.cancel();
     handle.await.unwrap().unwrap();
 }
+
+/// The inbox writer with nothing to consume: ready while the broker answers,
+/// not ready when it is gone, ready again when it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_inbox_writer_is_not_ready_while_the_broker_is_gone() {
+    let (tansu_port, proxy_port) = (free_port(), free_port());
+    let _broker = start_tansu(tansu_port, proxy_port).await;
+    let proxy = Arc::new(Proxy {
+        port: proxy_port,
+        upstream: ([127, 0, 0, 1], tansu_port).into(),
+        up: Mutex::new(None),
+    });
+    proxy.up();
+    let brokers = format!("127.0.0.1:{proxy_port}");
+    let (db, topic) = (fresh_db().await, unique("inbox-outage"));
+    create_topic(&brokers, &topic, 1).await;
+    let cfg = config(
+        &db.url,
+        &brokers,
+        &format!(
+            "http = {{ addr = \"127.0.0.1:0\" }}\n[relay]\nenabled = false\n[inbox]\nconsumer = \"{}\"\ntopics = [\"{topic}\"]\n\
+             [inbox.properties]\n\"session.timeout.ms\" = 6000\n\"max.poll.interval.ms\" = 15000\n\"reconnect.backoff.max.ms\" = 500\n",
+            unique("svc")
+        ),
+    );
+    let daemon = kurier::Daemon::bind(cfg).await.unwrap();
+    let http = daemon.http_addr().unwrap();
+    let cancel = CancellationToken::new();
+    let handle = tokio::spawn(daemon.run(cancel.clone()));
+    let wait_for = |code: u16, within: Duration, why: &'static str| async move {
+        let deadline = Instant::now() + within;
+        while http_status(http, "/readyz").await != code {
+            assert!(Instant::now() < deadline, "{why}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    wait_for(
+        200,
+        Duration::from_secs(30),
+        "an idle inbox writer with the broker up is ready",
+    )
+    .await;
+    proxy.down();
+    wait_for(
+        503,
+        Duration::from_secs(30),
+        "not ready while the broker is gone",
+    )
+    .await;
+    proxy.up();
+    wait_for(
+        200,
+        Duration::from_secs(60),
+        "ready again once the broker is back",
+    )
+    .await;
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+}

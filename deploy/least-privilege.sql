@@ -18,3 +18,10 @@ GRANT INSERT ON kurier.outbox TO kurier_app;
 GRANT SELECT, INSERT, UPDATE ON kurier.inbox TO kurier_app;
 GRANT EXECUTE ON FUNCTION kurier.payload_json(bytea) TO kurier_app;
 -- GRANT kurier_app TO your_service_role;
+
+-- Debezium-shape tables: the capture trigger runs with the inserting role's
+-- rights, so that role needs INSERT on the outbox (kurier_app has it) and
+-- EXECUTE on kurier.debezium_capture() (PUBLIC has it unless revoked).
+-- Other Kurier schemas (relay.schemas): run this file again with the schema
+-- name in place of `kurier.`/`SCHEMA kurier`, e.g.
+--   sed 's/kurier\./tenant_a./g; s/SCHEMA kurier/SCHEMA tenant_a/g' least-privilege.sql | psql

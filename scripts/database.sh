@@ -19,8 +19,14 @@ else
     [ "$(id -u)" = 0 ] && chown postgres "$data" "$root/.state"
     "${as[@]}" "$bindir/initdb" -D "$data" -U postgres --auth=trust >/dev/null
   fi
+  # TLS as Debian's packaged server has it (tests/security.rs verifies the certificate).
+  ssl=""
+  cert=/etc/ssl/certs/ssl-cert-snakeoil.pem; key=/etc/ssl/private/ssl-cert-snakeoil.key
+  if [ -r "$cert" ] && "${as[@]}" test -r "$key"; then
+    ssl="-c ssl=on -c ssl_cert_file=$cert -c ssl_key_file=$key"
+  fi
   if ! pg_isready -q -h 127.0.0.1 -p "$port"; then
-    "${as[@]}" "$bindir/pg_ctl" -D "$data" -l "$data/server.log" -o "-p $port -k /tmp -c listen_addresses=127.0.0.1" -w start >/dev/null
+    "${as[@]}" "$bindir/pg_ctl" -D "$data" -l "$data/server.log" -o "-p $port -k /tmp -c listen_addresses=127.0.0.1 $ssl" -w start >/dev/null
     echo "database: started a private PostgreSQL on 127.0.0.1:$port (data $data)" >&2
   fi
   host_port=127.0.0.1:$port; user=postgres

@@ -3,7 +3,7 @@
 # cmake and C headers for rdkafka's bundled librdkafka, and the cached Tansu broker.
 set -euo pipefail
 need=()
-for pkg in cmake pkg-config libcurl4-openssl-dev libssl-dev zlib1g-dev postgresql-client python3-venv; do
+for pkg in cmake pkg-config libcurl4-openssl-dev libssl-dev openssl zlib1g-dev postgresql-client python3-venv; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

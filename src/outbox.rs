@@ -190,15 +190,23 @@ impl OutboxRow {
 /// its topic and key (probing the small partial index `outbox_retrying`), so
 /// a retry never lets a key's later message overtake an earlier one.
 ///
+/// Plan: the partitions whose lease names `$3` and is unexpired by the
+/// database clock (the fence) are read once into an array, so the outbox is
+/// walked in primary-key order and stops after `$1` rows. (Written as
+/// `IN (SELECT ...)`, the planner misjudged the lease count and sorted the
+/// whole table: 137 ms instead of 13 ms for 5,000 of 200,000 rows.)
+/// Rows in `$4` (the batch still in flight) are skipped through a hashed subplan.
+///
 /// The outer query keeps rows while the running payload size stays under
 /// `$2` bytes (always at least one row), so a batch of large rows stays small.
 const CLAIM: &str = "SELECT id, message_id, topic, key, payload::text AS payload_text, payload_bytes, headers::text AS headers, attempts \
      FROM (SELECT lim.*, sum(lim.size) OVER (ORDER BY lim.id ROWS UNBOUNDED PRECEDING) AS running \
            FROM (SELECT o.*, coalesce(pg_column_size(o.payload), 0) + coalesce(octet_length(o.payload_bytes), 0) AS size \
                  FROM kurier.outbox o \
-                 WHERE o.lease_partition IN (SELECT partition FROM kurier.relay_leases \
-                                             WHERE owner = $3 AND expires_at > now()) \
+                 WHERE o.lease_partition = ANY(ARRAY(SELECT partition FROM kurier.relay_leases \
+                                                     WHERE owner = $3 AND expires_at > now())) \
                    AND (o.retry_at IS NULL OR o.retry_at <= now()) \
+                   AND o.id NOT IN (SELECT unnest($4::bigint[])) \
                    AND NOT EXISTS (SELECT 1 FROM kurier.outbox r \
                                    WHERE r.retry_at > now() AND r.topic = o.topic \
                                      AND r.key IS NOT DISTINCT FROM o.key AND r.id < o.id) \
@@ -207,18 +215,21 @@ const CLAIM: &str = "SELECT id, message_id, topic, key, payload::text AS payload
      ORDER BY id";
 
 /// Reads the next batch of the partitions `owner` holds unexpired leases on
-/// (checked by the database clock in the same statement: the fence).
+/// (checked by the database clock in the same statement: the fence), leaving
+/// out the rows `in_flight`.
 pub async fn claim(
     conn: &mut PgConnection,
     schema: &SchemaName,
     owner: &str,
     limit: u32,
     max_bytes: u64,
+    in_flight: &[i64],
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
     sqlx::query_as(&schema.sql(CLAIM))
         .bind(i64::from(limit))
         .bind(max_bytes as i64)
         .bind(owner)
+        .bind(in_flight)
         .fetch_all(conn)
         .await
 }

@@ -125,37 +125,20 @@ impl Relay {
         let mut listener = self.listen().await;
         let mut broker_probe = BrokerProbe::default();
         let mut pause = self.backoff();
+        // The next batch, claimed while the current one was on the wire.
+        let mut prefetched: Vec<OutboxRow> = Vec::new();
         while !cancel.is_cancelled() {
             if leases.heartbeat_due() || !leases.still_valid() {
                 leases.heartbeat(conn).await.map_err(explain_setup)?;
+                prefetched.clear(); // claimed under the previous share of partitions
             }
-            let rows = if leases.owned().is_empty() {
-                Vec::new()
+            let rows = if prefetched.is_empty() {
+                self.claim(conn, leases, &[]).await?
             } else {
-                outbox::claim(
-                    conn,
-                    &self.schema,
-                    &leases.me,
-                    self.cfg.batch_size,
-                    self.cfg.max_batch_bytes,
-                )
-                .await
-                .map_err(explain_setup)?
+                std::mem::take(&mut prefetched)
             };
             if rows.is_empty() {
-                // Idle is progress only while the broker answers: readiness
-                // must turn false when it is gone, even with nothing to publish.
-                let producer = publisher.producer().clone();
-                if broker_probe
-                    .reachable(move || {
-                        use rdkafka::producer::Producer;
-                        metadata_ok(producer.client())
-                    })
-                    .await
-                {
-                    self.health.progress();
-                }
-                self.idle(&mut listener, cancel, leases.until_heartbeat())
+                self.idle_round(publisher, &mut broker_probe, &mut listener, leases, cancel)
                     .await;
                 continue;
             }
@@ -163,11 +146,20 @@ impl Relay {
                 continue; // stalled between claim and send: renew (or lose) the leases first
             }
             let started = Instant::now();
-            let outcomes = self.publish(conn, leases, publisher, &rows, cancel).await?;
+            let (outcomes, next) = self.publish(conn, leases, publisher, &rows, cancel).await?;
+            let published = started.elapsed();
             metrics::histogram!("kurier_relay_batch_publish_seconds")
-                .record(started.elapsed().as_secs_f64());
+                .record(published.as_secs_f64());
             metrics::histogram!("kurier_relay_batch_size").record(rows.len() as f64);
             let transient = self.finish(conn, &rows, &outcomes).await?;
+            tracing::debug!(
+                rows = rows.len(),
+                publish_ms = published.as_millis() as u64,
+                total_ms = started.elapsed().as_millis() as u64,
+                prefetched = next.len(),
+                "batch done"
+            );
+            prefetched = without_unfinished_keys(next, &rows, &outcomes);
             if let Some(fatal) = publisher.fatal_error() {
                 tracing::error!(error = %fatal, "producer hit a fatal error; building a new one");
                 *publisher = Publisher::new(&self.kafka, self.cfg.cloudevents.as_ref())?;
@@ -176,6 +168,7 @@ impl Relay {
                 pause = self.backoff();
                 self.health.progress();
             } else {
+                prefetched.clear();
                 let delay = pause.next().unwrap_or(self.cfg.retry_max);
                 tracing::warn!(rows = transient, retry_in = ?delay, "broker did not acknowledge; retrying the batch with a new producer");
                 // Nothing is in flight now. A fresh producer (new producer id) avoids
@@ -188,7 +181,56 @@ impl Relay {
         Ok(())
     }
 
-    /// Sends rows in id order and collects their delivery reports.
+    /// The next batch of this instance's partitions, leaving out `in_flight` rows.
+    async fn claim(
+        &self,
+        conn: &mut PgConnection,
+        leases: &Leases,
+        in_flight: &[i64],
+    ) -> Result<Vec<OutboxRow>, Error> {
+        if leases.owned().is_empty() {
+            return Ok(Vec::new());
+        }
+        let started = Instant::now();
+        let rows = outbox::claim(
+            conn,
+            &self.schema,
+            &leases.me,
+            self.cfg.batch_size,
+            self.cfg.max_batch_bytes,
+            in_flight,
+        )
+        .await
+        .map_err(explain_setup)?;
+        metrics::histogram!("kurier_relay_claim_seconds").record(started.elapsed().as_secs_f64());
+        Ok(rows)
+    }
+
+    /// Nothing to publish: wait for a wake-up, the poll interval or shutdown.
+    /// Idle counts as progress only while the broker answers, so readiness
+    /// turns false when it is gone even with nothing to publish.
+    async fn idle_round(
+        &self,
+        publisher: &Publisher,
+        broker_probe: &mut BrokerProbe,
+        listener: &mut Option<PgListener>,
+        leases: &Leases,
+        cancel: &CancellationToken,
+    ) {
+        let producer = publisher.producer().clone();
+        let reachable = broker_probe.reachable(move || {
+            use rdkafka::producer::Producer;
+            metadata_ok(producer.client())
+        });
+        if reachable.await {
+            self.health.progress();
+        }
+        self.idle(listener, cancel, leases.until_heartbeat()).await;
+    }
+
+    /// Sends rows in id order and collects their delivery reports. While the
+    /// broker works, claims the next batch (returned second; it is sent only
+    /// after this one is finished, so a failure here can still hold its keys back).
     async fn publish(
         &self,
         conn: &mut PgConnection,
@@ -196,7 +238,7 @@ impl Relay {
         publisher: &Publisher,
         rows: &[OutboxRow],
         cancel: &CancellationToken,
-    ) -> Result<Vec<Outcome>, Error> {
+    ) -> Result<(Vec<Outcome>, Vec<OutboxRow>), Error> {
         let mut outcomes = vec![Outcome::Unknown; rows.len()];
         let mut pending = FuturesUnordered::new();
         // A key whose row failed to send sends nothing more from this batch,
@@ -227,6 +269,15 @@ impl Relay {
                 }
             }
         }
+        let sent_all = !outcomes
+            .iter()
+            .any(|o| matches!(o, Outcome::Failed(Failure::Transient(_))));
+        let next = if sent_all && !cancel.is_cancelled() {
+            let in_flight: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            self.claim(conn, leases, &in_flight).await?
+        } else {
+            Vec::new()
+        };
         let grace = async {
             cancel.cancelled().await;
             tokio::time::sleep(self.grace).await;
@@ -247,7 +298,7 @@ impl Relay {
                 _ = tokio::time::sleep(renew_in) => leases.renew(conn).await.map_err(explain_setup)?,
             }
         }
-        Ok(outcomes)
+        Ok((outcomes, next))
     }
 
     /// Deletes delivered rows, schedules retries, dead-letters what cannot be
@@ -359,6 +410,28 @@ fn delivery_outcome(
             "producer dropped before the delivery report".into(),
         )),
     }
+}
+
+/// The prefetched batch minus the keys whose rows in `rows` were not
+/// delivered (failed, held back, or unanswered at shutdown): their later rows
+/// must wait until those are settled, and are claimed again then.
+fn without_unfinished_keys(
+    next: Vec<OutboxRow>,
+    rows: &[OutboxRow],
+    outcomes: &[Outcome],
+) -> Vec<OutboxRow> {
+    let unfinished: HashSet<(&str, Option<&str>)> = rows
+        .iter()
+        .zip(outcomes)
+        .filter(|(_, o)| **o != Outcome::Delivered)
+        .map(|(r, _)| (r.topic.as_str(), r.key.as_deref()))
+        .collect();
+    if unfinished.is_empty() {
+        return next;
+    }
+    next.into_iter()
+        .filter(|r| !unfinished.contains(&(r.topic.as_str(), r.key.as_deref())))
+        .collect()
 }
 
 fn count_per_topic<'a>(name: &'static str, rows: impl Iterator<Item = &'a OutboxRow>) {

@@ -399,15 +399,31 @@ async fn a_claim_is_bounded_by_bytes_as_well_as_rows() {
     assert!(some.windows(2).all(|w| w[0] < w[1]));
     // A single row larger than the budget still goes out alone.
     assert_eq!(claim_ids(&mut conn, &me, 100, 1).await.len(), 1);
+    // The batch in flight is left out of the next claim (prefetch while publishing).
+    let first = claim_ids(&mut conn, &me, 4, 1 << 30).await;
+    let next = claim_ids_except(&mut conn, &me, 4, 1 << 30, &first).await;
+    let all = claim_ids(&mut conn, &me, 8, 1 << 30).await;
+    assert_eq!([first, next].concat(), all);
 }
 
 async fn claim_ids(conn: &mut sqlx::PgConnection, me: &str, limit: u32, bytes: u64) -> Vec<i64> {
+    claim_ids_except(conn, me, limit, bytes, &[]).await
+}
+
+async fn claim_ids_except(
+    conn: &mut sqlx::PgConnection,
+    me: &str,
+    limit: u32,
+    bytes: u64,
+    in_flight: &[i64],
+) -> Vec<i64> {
     kurier::outbox::claim(
         conn,
         &kurier::schema::SchemaName::kurier(),
         me,
         limit,
         bytes,
+        in_flight,
     )
     .await
     .unwrap()

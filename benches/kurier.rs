@@ -1,7 +1,8 @@
 //! `make bench`: figures measured side by side in one run, against the same
 //! PostgreSQL and the same broker, so that ratios hold on a noisy machine.
 //! Needs DATABASE_URL, KAFKA_BROKERS (scripts/bench.sh provides both).
-//! BENCH_N (default 200000) sets the number of drained messages.
+//! BENCH_N (default 200000) sets the number of drained messages; BENCH_ONLY
+//! (e.g. `drain,latency`) runs some parts: drain, idle, scale, latency, notify, inbox.
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::{Child, Command, Stdio};
@@ -35,41 +36,48 @@ async fn main() {
     let mut f = Figures::new();
     eprintln!("bench: N = {n}, payload ~200 bytes, 1000 keys");
 
-    let db = fresh_db(&base, "drain").await;
-    f.insert("pg_batched_insert_rows_per_s", prefill(&db, n).await);
-    drain(&db, &brokers, kurier, n, &mut f).await;
-    f.insert("raw_producer_msgs_per_s", raw_producer(&brokers, n).await);
-    f.insert(
-        "relay_vs_raw",
-        f["relay_drain_msgs_per_s"] / f["raw_producer_msgs_per_s"],
-    );
-    f.insert(
-        "relay_vs_pg_insert",
-        f["relay_drain_msgs_per_s"] / f["pg_batched_insert_rows_per_s"],
-    );
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let run = |part: &str| only.is_empty() || only.split(',').any(|p| p == part);
 
-    for instances in [1usize, 2, 3] {
-        let db = fresh_db(&base, "scale").await;
-        let rate = drain_instances(&db, &brokers, kurier, n, instances).await;
+    if run("drain") {
+        let db = fresh_db(&base, "drain").await;
+        let topic = new_topic(&brokers, "bench-drain", 6).await;
         f.insert(
-            [
-                "relay_1_instance_msgs_per_s",
-                "relay_2_instances_msgs_per_s",
-                "relay_3_instances_msgs_per_s",
-            ][instances - 1],
-            rate,
+            "pg_batched_insert_rows_per_s",
+            prefill(&db, &topic, n).await,
+        );
+        drain(&db, &brokers, kurier, n, &mut f).await;
+        f.insert("raw_producer_msgs_per_s", raw_producer(&brokers, n).await);
+        f.insert(
+            "relay_vs_raw",
+            f["relay_drain_msgs_per_s"] / f["raw_producer_msgs_per_s"],
+        );
+        f.insert(
+            "relay_vs_pg_insert",
+            f["relay_drain_msgs_per_s"] / f["pg_batched_insert_rows_per_s"],
         );
     }
-
-    for notify in [false, true] {
-        let db = fresh_db(&base, "latency").await;
-        if notify {
-            install_notify(&db).await;
-        }
-        latency(&db, &brokers, kurier, notify, &mut f).await;
+    if run("idle") {
+        idle_cost(&base, &brokers, kurier, &mut f).await;
     }
-    notify_cost(&base, &mut f).await;
-    inbox_vs_raw_consumer(&base, &brokers, kurier, (n / 4).max(1000), &mut f).await;
+    if run("scale") {
+        scale(&base, &brokers, kurier, n, &mut f).await;
+    }
+    if run("latency") {
+        for notify in [false, true] {
+            let db = fresh_db(&base, "latency").await;
+            if notify {
+                install_notify(&db).await;
+            }
+            latency(&db, &brokers, kurier, notify, &mut f).await;
+        }
+    }
+    if run("notify") {
+        notify_cost(&base, &mut f).await;
+    }
+    if run("inbox") {
+        inbox_vs_raw_consumer(&base, &brokers, kurier, (n / 4).max(1000), &mut f).await;
+    }
     report(&f);
 }
 
@@ -113,26 +121,50 @@ fn payload(i: usize) -> serde_json::Value {
     serde_json::json!({"type": "OrderPlaced", "order": i, "customer": format!("customer-{}", i % 1000), "total_cents": i % 10_000, "note": "x".repeat(100)})
 }
 
-/// Batched INSERTs from a client (1,000 rows per statement): what PostgreSQL
-/// can commit into the outbox, the floor the relay must not fall below.
-async fn prefill(db: &str, n: usize) -> f64 {
+/// Batched INSERTs from clients (1,000 rows per statement, 4 connections at
+/// once): what PostgreSQL can commit into the outbox, the floor the relay must
+/// not fall below.
+async fn prefill(db: &str, topic: &str, n: usize) -> f64 {
+    const WRITERS: usize = 4;
     let pool = PgPoolOptions::new()
-        .max_connections(2)
+        .max_connections(WRITERS as u32)
         .connect(db)
         .await
         .unwrap();
-    let topic = "bench-drain-placeholder";
+    // Statements are built before the clock starts: the figure is PostgreSQL's.
+    let chunks: Vec<(Vec<String>, Vec<serde_json::Value>)> = (0..n)
+        .collect::<Vec<_>>()
+        .chunks(1000)
+        .map(|c| {
+            (
+                c.iter().map(|i| format!("key-{}", i % 1000)).collect(),
+                c.iter().map(|i| payload(*i)).collect(),
+            )
+        })
+        .collect();
+    let queue = Arc::new(Mutex::new(chunks));
     let t = Instant::now();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
-        let keys: Vec<String> = chunk.iter().map(|i| format!("key-{}", i % 1000)).collect();
-        let payloads: Vec<serde_json::Value> = chunk.iter().map(|i| payload(*i)).collect();
-        sqlx::query("INSERT INTO kurier.outbox (topic, key, payload) SELECT $1, k, p FROM unnest($2::text[], $3::jsonb[]) AS u(k, p)")
-            .bind(topic)
-            .bind(&keys)
-            .bind(&payloads)
-            .execute(&pool)
-            .await
-            .unwrap();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|_| {
+            let (pool, queue, topic) = (pool.clone(), queue.clone(), topic.to_owned());
+            tokio::spawn(async move {
+                loop {
+                    let Some((keys, payloads)) = queue.lock().unwrap().pop() else {
+                        return;
+                    };
+                    sqlx::query("INSERT INTO kurier.outbox (topic, key, payload) SELECT $1, k, p FROM unnest($2::text[], $3::jsonb[]) AS u(k, p)")
+                        .bind(&topic)
+                        .bind(&keys)
+                        .bind(&payloads)
+                        .execute(&pool)
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
     }
     n as f64 / t.elapsed().as_secs_f64()
 }
@@ -193,12 +225,6 @@ async fn count(pool: &PgPool, sql: &str) -> i64 {
 /// until every row's delivery report came back and its row was deleted.
 async fn drain(db: &str, brokers: &str, kurier: &str, n: usize, f: &mut Figures) {
     let pool = PgPool::connect(db).await.unwrap();
-    let topic = new_topic(brokers, "bench-drain", 6).await;
-    sqlx::query("UPDATE kurier.outbox SET topic = $1")
-        .bind(&topic)
-        .execute(&pool)
-        .await
-        .unwrap();
     sqlx::query("VACUUM ANALYZE kurier.outbox")
         .execute(&pool)
         .await
@@ -211,28 +237,45 @@ async fn drain(db: &str, brokers: &str, kurier: &str, n: usize, f: &mut Figures)
     f.insert("relay_drain_msgs_per_s", n as f64 / secs);
     f.insert("relay_cpu_s_per_100k", cpu * 100_000.0 / n as f64);
     f.insert("relay_peak_rss_mib", rss_kib as f64 / 1024.0);
-    // Idle: statements per second the relay sends when there is nothing to do.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(d);
+}
+
+/// Transactions per second a relay runs with nothing to do, on a fresh
+/// database (right after a drain, autovacuum's transactions would count too).
+async fn idle_cost(base: &str, brokers: &str, kurier: &str, f: &mut Figures) {
+    let db = fresh_db(base, "idle").await;
+    let pool = PgPool::connect(&db).await.unwrap();
+    let d = spawn(kurier, &[("DATABASE_URL", &db), ("KAFKA_BROKERS", brokers)]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let xacts = |pool: PgPool| async move {
+        sqlx::query("SELECT pg_stat_clear_snapshot()")
+            .execute(&pool)
+            .await
+            .unwrap();
         count(&pool, "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database WHERE datname = current_database()").await
     };
-    sqlx::query("SELECT pg_stat_clear_snapshot()")
-        .execute(&pool)
-        .await
-        .unwrap();
     let before = xacts(pool.clone()).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    sqlx::query("SELECT pg_stat_clear_snapshot()")
-        .execute(&pool)
-        .await
-        .unwrap();
     let after = xacts(pool.clone()).await;
-    // Our own two measuring statements count too; subtract them.
+    // Our own measuring statements count too (two per reading); subtract them.
     f.insert(
         "relay_idle_db_xacts_per_s",
         ((after - before - 2).max(0)) as f64 / 5.0,
     );
     drop(d);
+}
+
+/// Drain rates with 1, 2 and 3 relay instances.
+async fn scale(base: &str, brokers: &str, kurier: &str, n: usize, f: &mut Figures) {
+    let names = [
+        "relay_1_instance_msgs_per_s",
+        "relay_2_instances_msgs_per_s",
+        "relay_3_instances_msgs_per_s",
+    ];
+    for (i, name) in names.into_iter().enumerate() {
+        let db = fresh_db(base, "scale").await;
+        f.insert(name, drain_instances(&db, brokers, kurier, n, i + 1).await);
+    }
 }
 
 /// N rows written by one SQL statement, drained by `instances` relays at once.
@@ -262,9 +305,12 @@ async fn drain_instances(db: &str, brokers: &str, kurier: &str, n: usize, instan
     rate
 }
 
-/// Returns once every outbox row was acknowledged and deleted.
+/// Returns once every outbox row was acknowledged and deleted. The probe walks
+/// the primary key (`count(*)` here would start a parallel scan every time and
+/// take CPU from the relay being measured).
 async fn wait_drained(pool: &PgPool) {
-    while count(pool, "SELECT count(*) FROM kurier.outbox").await > 0 {
+    let probe = "SELECT count(*) FROM (SELECT 1 FROM kurier.outbox ORDER BY id LIMIT 1) AS t";
+    while count(pool, probe).await > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -471,39 +517,44 @@ async fn inbox_vs_raw_consumer(base: &str, brokers: &str, kurier: &str, n: usize
     f.insert("inbox_peak_rss_mib", rss as f64 / 1024.0);
 }
 
-/// Sends n messages (the bench's payloads and keys, a message-id header each) and waits for every ack.
+/// Sends n messages (the bench's payloads and keys, a message-id header each)
+/// as fast as the producer takes them, and waits for every ack. At most
+/// `WINDOW` reports are outstanding, so memory stays bounded as in the relay.
 async fn raw_producer_to(brokers: &str, topic: &str, n: usize) -> f64 {
+    const WINDOW: usize = 10_000;
     let producer: FutureProducer = kurier::publisher::client_config(&KafkaConfig {
         brokers: brokers.to_owned(),
         properties: Default::default(),
     })
     .create()
     .unwrap();
+    let mut reports = std::collections::VecDeque::with_capacity(WINDOW);
     let t = Instant::now();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
-        let mut reports = Vec::new();
-        for i in chunk {
-            let id = uuid::Uuid::new_v4().to_string();
-            let v = payload(*i).to_string();
-            let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
-                key: "message-id",
-                value: Some(&id),
-            });
-            reports.push(
-                producer
-                    .send_result(
-                        FutureRecord::to(topic)
-                            .key(&format!("key-{}", i % 1000))
-                            .payload(&v)
-                            .headers(headers),
-                    )
-                    .map_err(|(e, _)| e)
-                    .unwrap(),
-            );
-        }
-        for r in reports {
+    for i in 0..n {
+        let id = uuid::Uuid::new_v4().to_string();
+        let v = payload(i).to_string();
+        let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+            key: "message-id",
+            value: Some(&id),
+        });
+        if reports.len() == WINDOW {
+            let r: rdkafka::producer::DeliveryFuture = reports.pop_front().unwrap();
             r.await.unwrap().map_err(|(e, _)| e).unwrap();
         }
+        reports.push_back(
+            producer
+                .send_result(
+                    FutureRecord::to(topic)
+                        .key(&format!("key-{}", i % 1000))
+                        .payload(&v)
+                        .headers(headers),
+                )
+                .map_err(|(e, _)| e)
+                .unwrap(),
+        );
+    }
+    for r in reports {
+        r.await.unwrap().map_err(|(e, _)| e).unwrap();
     }
     n as f64 / t.elapsed().as_secs_f64()
 }

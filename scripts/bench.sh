@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # `make bench`: starts PostgreSQL (or uses 127.0.0.1:5432) and a fresh Tansu,
 # builds in release mode and runs benches/kurier.rs, which prints a table and a
-# BENCH_JSON line. BENCH_N sets the drained message count (default 200000).
+# BENCH_JSON line. BENCH_N sets the drained message count (default 200000);
+# BENCH_ONLY=drain,latency (etc., see benches/kurier.rs) runs some parts.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 scripts/setup.sh
-export DATABASE_URL=${DATABASE_URL:-$(scripts/database.sh postgres)}
+# A sidecar talks to a database on the same host or network without TLS; the
+# TLS handshake (OpenSSL, ~45 ms per connection here) and encryption would
+# otherwise be part of every figure. Set DATABASE_URL to measure with TLS.
+export DATABASE_URL=${DATABASE_URL:-$(scripts/database.sh postgres)?sslmode=disable}
 port=${KAFKA_BENCH_PORT:-19093}
 if [ -z "${KAFKA_BROKERS:-}" ]; then
   scripts/broker.sh stop .state/bench-broker

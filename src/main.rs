@@ -9,6 +9,12 @@ use kurier::config::{Config, Overrides, ProcessEnv};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+// The relay allocates a few small buffers per message (row columns, headers,
+// delivery futures); mimalloc serves them with much less CPU than glibc's
+// malloc, which `make bench` profiling showed at ~30% of the relay's time.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Transactional outbox relay: PostgreSQL → Kafka.
 #[derive(Parser)]
 #[command(version, about)]

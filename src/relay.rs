@@ -36,6 +36,12 @@ use tracing::Instrument;
 /// The NOTIFY channel of the optional trigger (`migrations/0001_outbox.sql`).
 pub const CHANNEL: &str = "kurier_outbox";
 
+/// For a second after a batch, an empty outbox is polled this often instead of
+/// every `poll_interval`: rows are flowing, so the next one is likely within
+/// milliseconds (commit-to-publish latency without the NOTIFY trigger's cost).
+const HOT_POLL: Duration = Duration::from_millis(5);
+const HOT_FOR: Duration = Duration::from_secs(1);
+
 /// What became of one claimed row.
 #[derive(Debug, Clone, PartialEq)]
 enum Outcome {
@@ -76,6 +82,7 @@ impl Relay {
     /// Runs until `cancel` fires (then `Ok`) or an error that cannot heal.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), Error> {
         let mut publisher = Publisher::new(&self.kafka, self.cfg.cloudevents.as_ref())?;
+        publisher.warm_up();
         let mut reconnect = self.backoff();
         while !cancel.is_cancelled() {
             match self.connect_and_serve(&mut publisher, &cancel).await {
@@ -122,36 +129,78 @@ impl Relay {
         publisher: &mut Publisher,
         cancel: &CancellationToken,
     ) -> Result<(), Error> {
+        // Rows of the last batch, acknowledged but not yet deleted.
+        let mut acknowledged: Vec<i64> = Vec::new();
+        let result = self
+            .rounds(conn, leases, publisher, cancel, &mut acknowledged)
+            .await;
+        if result.is_ok() {
+            // A clean stop leaves nothing acknowledged behind (it would be re-sent).
+            self.delete_acknowledged(conn, &mut acknowledged).await?;
+        }
+        result
+    }
+
+    /// Claim, publish, finish, until cancelled.
+    async fn rounds(
+        &self,
+        conn: &mut PgConnection,
+        leases: &mut Leases,
+        publisher: &mut Publisher,
+        cancel: &CancellationToken,
+        acknowledged: &mut Vec<i64>,
+    ) -> Result<(), Error> {
         let mut listener = self.listen().await;
-        let mut broker_probe = BrokerProbe::default();
-        let mut pause = self.backoff();
         // The next batch, claimed while the current one was on the wire.
         let mut prefetched: Vec<OutboxRow> = Vec::new();
+        let mut last_batch: Option<Instant> = None;
+        let mut broker_probe = BrokerProbe::default();
+        let mut pause = self.backoff();
         while !cancel.is_cancelled() {
             if leases.heartbeat_due() || !leases.still_valid() {
+                // Acknowledged rows go first: a partition given up now may be
+                // claimed by another instance at once, which must not find them.
+                self.delete_acknowledged(conn, acknowledged).await?;
                 leases.heartbeat(conn).await.map_err(explain_setup)?;
                 prefetched.clear(); // claimed under the previous share of partitions
             }
             let rows = if prefetched.is_empty() {
+                self.delete_acknowledged(conn, acknowledged).await?;
                 self.claim(conn, leases, &[]).await?
             } else {
                 std::mem::take(&mut prefetched)
             };
             if rows.is_empty() {
-                self.idle_round(publisher, &mut broker_probe, &mut listener, leases, cancel)
-                    .await;
+                let hot = last_batch.is_some_and(|t| t.elapsed() < HOT_FOR);
+                let wait = if hot {
+                    self.cfg.poll_interval.min(HOT_POLL)
+                } else {
+                    self.cfg.poll_interval
+                };
+                self.idle_round(
+                    publisher,
+                    &mut broker_probe,
+                    &mut listener,
+                    leases,
+                    wait,
+                    cancel,
+                )
+                .await;
                 continue;
             }
             if !leases.still_valid() {
                 continue; // stalled between claim and send: renew (or lose) the leases first
             }
             let started = Instant::now();
-            let (outcomes, next) = self.publish(conn, leases, publisher, &rows, cancel).await?;
+            last_batch = Some(started);
+            let (outcomes, next) = self
+                .publish(conn, leases, publisher, &rows, acknowledged, cancel)
+                .await?;
             let published = started.elapsed();
             metrics::histogram!("kurier_relay_batch_publish_seconds")
                 .record(published.as_secs_f64());
             metrics::histogram!("kurier_relay_batch_size").record(rows.len() as f64);
-            let transient = self.finish(conn, &rows, &outcomes).await?;
+            let transient = self.finish(conn, &rows, &outcomes, acknowledged).await?;
             tracing::debug!(
                 rows = rows.len(),
                 publish_ms = published.as_millis() as u64,
@@ -215,6 +264,7 @@ impl Relay {
         broker_probe: &mut BrokerProbe,
         listener: &mut Option<PgListener>,
         leases: &Leases,
+        wait: Duration,
         cancel: &CancellationToken,
     ) {
         let producer = publisher.producer().clone();
@@ -225,18 +275,21 @@ impl Relay {
         if reachable.await {
             self.health.progress();
         }
-        self.idle(listener, cancel, leases.until_heartbeat()).await;
+        self.idle(listener, cancel, wait.min(leases.until_heartbeat()))
+            .await;
     }
 
     /// Sends rows in id order and collects their delivery reports. While the
-    /// broker works, claims the next batch (returned second; it is sent only
-    /// after this one is finished, so a failure here can still hold its keys back).
+    /// broker works, deletes the previous batch's `acknowledged` rows and claims
+    /// the next batch (returned second; it is sent only after this one is
+    /// finished, so a failure here can still hold its keys back).
     async fn publish(
         &self,
         conn: &mut PgConnection,
         leases: &mut Leases,
         publisher: &Publisher,
         rows: &[OutboxRow],
+        acknowledged: &mut Vec<i64>,
         cancel: &CancellationToken,
     ) -> Result<(Vec<Outcome>, Vec<OutboxRow>), Error> {
         let mut outcomes = vec![Outcome::Unknown; rows.len()];
@@ -269,6 +322,7 @@ impl Relay {
                 }
             }
         }
+        self.delete_acknowledged(conn, acknowledged).await?;
         let sent_all = !outcomes
             .iter()
             .any(|o| matches!(o, Outcome::Failed(Failure::Transient(_))));
@@ -303,11 +357,16 @@ impl Relay {
 
     /// Deletes delivered rows, schedules retries, dead-letters what cannot be
     /// published. Returns how many rows failed transiently.
+    ///
+    /// When every row was delivered, the delete is left in `acknowledged` for
+    /// the next round to run while its batch is on the wire; otherwise it runs
+    /// now, before the failed rows are rescheduled.
     async fn finish(
         &self,
         conn: &mut PgConnection,
         rows: &[OutboxRow],
         outcomes: &[Outcome],
+        acknowledged: &mut Vec<i64>,
     ) -> Result<usize, Error> {
         let delivered: Vec<&OutboxRow> = rows
             .iter()
@@ -315,9 +374,13 @@ impl Relay {
             .filter(|(_, o)| **o == Outcome::Delivered)
             .map(|(r, _)| r)
             .collect();
-        let ids: Vec<i64> = delivered.iter().map(|r| r.id).collect();
-        outbox::delete_published(conn, &self.schema, &ids).await?;
+        acknowledged.extend(delivered.iter().map(|r| r.id));
+        let all_delivered = delivered.len() == rows.len();
         count_per_topic("kurier_outbox_published_total", delivered.into_iter());
+        if all_delivered {
+            return Ok(0);
+        }
+        self.delete_acknowledged(conn, acknowledged).await?;
         let mut transient = 0;
         for (row, outcome) in rows.iter().zip(outcomes) {
             let Outcome::Failed(failure) = outcome else {
@@ -342,6 +405,19 @@ impl Relay {
         Ok(transient)
     }
 
+    /// Deletes the rows whose delivery reports said "acknowledged".
+    async fn delete_acknowledged(
+        &self,
+        conn: &mut PgConnection,
+        acknowledged: &mut Vec<i64>,
+    ) -> Result<(), Error> {
+        if !acknowledged.is_empty() {
+            outbox::delete_published(conn, &self.schema, acknowledged).await?;
+            acknowledged.clear();
+        }
+        Ok(())
+    }
+
     async fn listen(&self) -> Option<PgListener> {
         let result = async {
             let mut l = PgListener::connect(&self.database_url).await?;
@@ -358,13 +434,12 @@ impl Relay {
         }
     }
 
-    /// Waits for a notification, the poll interval (at most `until_heartbeat`),
-    /// or shutdown, whichever is first.
+    /// Waits for a notification, `wait`, or shutdown, whichever is first.
     async fn idle(
         &self,
         listener: &mut Option<PgListener>,
         cancel: &CancellationToken,
-        until_heartbeat: Duration,
+        wait: Duration,
     ) {
         let notified = async {
             match listener {
@@ -379,7 +454,7 @@ impl Relay {
         tokio::select! {
             _ = cancel.cancelled() => {}
             _ = notified => {}
-            _ = tokio::time::sleep(self.cfg.poll_interval.min(until_heartbeat)) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 

@@ -622,7 +622,7 @@ fn resolve_inbox(raw: RawInbox, env: &dyn Env) -> Result<Option<InboxConfig>, Co
         topics,
         batch_size: env_num(env, "KURIER_INBOX_BATCH_SIZE", "inbox.batch_size")?
             .or(raw.batch_size)
-            .unwrap_or(500),
+            .unwrap_or(1000),
         batch_wait: Duration::from_millis(
             env_num(env, "KURIER_INBOX_BATCH_WAIT_MS", "inbox.batch_wait_ms")?
                 .or(raw.batch_wait_ms)
@@ -651,7 +651,7 @@ fn resolve_inbox(raw: RawInbox, env: &dyn Env) -> Result<Option<InboxConfig>, Co
         return Err(ConfigError::invalid(
             "inbox.batch_size",
             format!("{} is out of range", inbox.batch_size),
-            "use a value from 1 to 50000 (default 500)",
+            "use a value from 1 to 50000 (default 1000)",
         ));
     }
     if inbox.forget_after < inbox.prune_payload_after {

@@ -109,7 +109,10 @@ impl InboxWriter {
         c.set("session.timeout.ms", "10000")
             .set("max.poll.interval.ms", "30000")
             .set("auto.offset.reset", "earliest")
-            .set("auto.commit.interval.ms", "1000");
+            .set("auto.commit.interval.ms", "1000")
+            // librdkafka prefetches up to 64 MiB per consumer by default; the
+            // database, not the fetch, bounds ingest, so a sidecar keeps less.
+            .set("queued.max.messages.kbytes", "16384");
         for (k, v) in self
             .kafka
             .properties

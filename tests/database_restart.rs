@@ -130,7 +130,7 @@ async fn relay_survives_a_postgresql_restart_mid_stream() {
         &pool,
         &topic,
         4,
-        500,
+        2000,
         4,
         0.10,
         Duration::ZERO,
@@ -146,8 +146,18 @@ async fn relay_survives_a_postgresql_restart_mid_stream() {
     let http = daemon.http_addr().unwrap();
     let cancel = CancellationToken::new();
     let handle = tokio::spawn(daemon.run(cancel.clone()));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = outbox_count(&pool).await;
+    // Stop PostgreSQL as soon as the relay has published something.
+    let backlog = outbox_count(&pool).await;
+    let mut before = backlog;
+    let waiting = std::time::Instant::now();
+    while before == backlog {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(30),
+            "the relay published nothing within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        before = outbox_count(&pool).await;
+    }
     assert!(
         before > 0,
         "the relay must still have work when PostgreSQL goes down"

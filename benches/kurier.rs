@@ -257,7 +257,8 @@ async fn idle_cost(base: &str, brokers: &str, kurier: &str, f: &mut Figures) {
     let before = xacts(pool.clone()).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let after = xacts(pool.clone()).await;
-    // Our own measuring statements count too (two per reading); subtract them.
+    // Two of our own statements fall between the two counts (the first
+    // count's and the second reading's pg_stat_clear_snapshot); subtract them.
     f.insert(
         "relay_idle_db_xacts_per_s",
         ((after - before - 2).max(0)) as f64 / 5.0,

@@ -17,6 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use futures::future::maybe_done;
 use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use sqlx::postgres::PgListener;
@@ -111,9 +112,13 @@ impl Relay {
     ) -> Result<(), Error> {
         let mut conn = PgConnection::connect(&self.database_url).await?;
         crate::schema::ensure_migrated(&mut conn, &self.schema).await?;
+        // Deletes acknowledged rows while `conn` claims the next batch.
+        let mut deleter = PgConnection::connect(&self.database_url).await?;
         let mut leases =
             Leases::register(&mut conn, self.schema.clone(), self.cfg.lease_ttl).await?;
-        let result = self.serve(&mut conn, &mut leases, publisher, cancel).await;
+        let result = self
+            .serve(&mut conn, &mut deleter, &mut leases, publisher, cancel)
+            .await;
         if result.is_ok() {
             if let Err(e) = leases.release_all(&mut conn).await {
                 tracing::warn!(error = %e, "could not hand back relay leases; they expire by themselves");
@@ -125,6 +130,7 @@ impl Relay {
     async fn serve(
         &self,
         conn: &mut PgConnection,
+        deleter: &mut PgConnection,
         leases: &mut Leases,
         publisher: &mut Publisher,
         cancel: &CancellationToken,
@@ -132,7 +138,7 @@ impl Relay {
         // Rows of the last batch, acknowledged but not yet deleted.
         let mut acknowledged: Vec<i64> = Vec::new();
         let result = self
-            .rounds(conn, leases, publisher, cancel, &mut acknowledged)
+            .rounds(conn, deleter, leases, publisher, cancel, &mut acknowledged)
             .await;
         if result.is_ok() {
             // A clean stop leaves nothing acknowledged behind (it would be re-sent).
@@ -145,6 +151,7 @@ impl Relay {
     async fn rounds(
         &self,
         conn: &mut PgConnection,
+        deleter: &mut PgConnection,
         leases: &mut Leases,
         publisher: &mut Publisher,
         cancel: &CancellationToken,
@@ -194,7 +201,15 @@ impl Relay {
             let started = Instant::now();
             last_batch = Some(started);
             let (outcomes, next) = self
-                .publish(conn, leases, publisher, &rows, acknowledged, cancel)
+                .publish(
+                    conn,
+                    deleter,
+                    leases,
+                    publisher,
+                    &rows,
+                    acknowledged,
+                    cancel,
+                )
                 .await?;
             let published = started.elapsed();
             metrics::histogram!("kurier_relay_batch_publish_seconds")
@@ -279,59 +294,55 @@ impl Relay {
             .await;
     }
 
-    /// Sends rows in id order and collects their delivery reports. While the
-    /// broker works, deletes the previous batch's `acknowledged` rows and claims
-    /// the next batch (returned second; it is sent only after this one is
-    /// finished, so a failure here can still hold its keys back).
+    /// Sends rows in id order and collects their delivery reports. The
+    /// previous batch's `acknowledged` rows are deleted (on `deleter`) and the
+    /// next batch is claimed (on `conn`) while this one is sent and on the
+    /// wire: both statements are handed to PostgreSQL before the send, so the
+    /// database, the broker and this process work at the same time. The next
+    /// batch (returned second) is sent only after this one is finished, so a
+    /// failure here can still hold its keys back.
+    #[allow(clippy::too_many_arguments)]
     async fn publish(
         &self,
         conn: &mut PgConnection,
+        deleter: &mut PgConnection,
         leases: &mut Leases,
         publisher: &Publisher,
         rows: &[OutboxRow],
         acknowledged: &mut Vec<i64>,
         cancel: &CancellationToken,
     ) -> Result<(Vec<Outcome>, Vec<OutboxRow>), Error> {
-        let mut outcomes = vec![Outcome::Unknown; rows.len()];
-        let mut pending = FuturesUnordered::new();
-        // A key whose row failed to send sends nothing more from this batch,
-        // so its later rows cannot overtake the failed one.
-        let mut blocked: HashSet<(&str, Option<&str>)> = HashSet::new();
-        for (i, row) in rows.iter().enumerate() {
-            let key = (row.topic.as_str(), row.key.as_deref());
-            if blocked.contains(&key) {
-                continue;
-            }
-            match publisher.send(row) {
-                Ok(Sent { report, span }) => pending.push(
-                    async move {
-                        let report = report.await;
-                        crate::trace::delivered(matches!(report, Ok(Ok(_))));
-                        (i, report)
-                    }
-                    .instrument(span),
-                ),
-                Err(Failure::Transient(why)) => {
-                    // Queue full or broker gone: keep the rest for the next round, in order.
-                    outcomes[i] = Outcome::Failed(Failure::Transient(why));
-                    break;
+        // The claim runs beside the delete, so it skips the rows being
+        // deleted as well as those in flight.
+        let skip: Vec<i64> = acknowledged
+            .iter()
+            .copied()
+            .chain(rows.iter().map(|r| r.id))
+            .collect();
+        let (mut outcomes, mut pending, next) = {
+            let claiming = maybe_done(async {
+                if cancel.is_cancelled() {
+                    return Ok(Vec::new());
                 }
-                Err(failure) => {
-                    blocked.insert(key);
-                    outcomes[i] = Outcome::Failed(failure);
-                }
-            }
-        }
-        self.delete_acknowledged(conn, acknowledged).await?;
+                self.claim(conn, leases, &skip).await
+            });
+            let deleting = maybe_done(self.delete_acknowledged(deleter, acknowledged));
+            tokio::pin!(claiming, deleting);
+            // One poll each writes the statements to their connections.
+            poll_once(claiming.as_mut()).await;
+            poll_once(deleting.as_mut()).await;
+            let (outcomes, pending) = send_batch(publisher, rows);
+            tokio::join!(claiming.as_mut(), deleting.as_mut());
+            let done = |taken: Option<Result<(), Error>>| taken.unwrap_or(Ok(()));
+            done(deleting.as_mut().take_output())?;
+            let next = claiming.as_mut().take_output().unwrap_or(Ok(Vec::new()))?;
+            (outcomes, pending, next)
+        };
         let sent_all = !outcomes
             .iter()
             .any(|o| matches!(o, Outcome::Failed(Failure::Transient(_))));
-        let next = if sent_all && !cancel.is_cancelled() {
-            let in_flight: Vec<i64> = rows.iter().map(|r| r.id).collect();
-            self.claim(conn, leases, &in_flight).await?
-        } else {
-            Vec::new()
-        };
+        // Rows after a transient send failure are claimed again next round, in order.
+        let next = if sent_all { next } else { Vec::new() };
         let grace = async {
             cancel.cancelled().await;
             tokio::time::sleep(self.grace).await;
@@ -475,9 +486,51 @@ impl Relay {
     }
 }
 
-fn delivery_outcome(
-    report: Result<OwnedDeliveryResult, futures::channel::oneshot::Canceled>,
-) -> Outcome {
+type Report = Result<OwnedDeliveryResult, futures::channel::oneshot::Canceled>;
+
+/// Hands `rows` to the producer in id order. Returns each row's outcome so far
+/// and the delivery reports still to come (tagged with the row's index).
+fn send_batch(
+    publisher: &Publisher,
+    rows: &[OutboxRow],
+) -> (
+    Vec<Outcome>,
+    FuturesUnordered<impl std::future::Future<Output = (usize, Report)>>,
+) {
+    let mut outcomes = vec![Outcome::Unknown; rows.len()];
+    let pending = FuturesUnordered::new();
+    // A key whose row failed to send sends nothing more from this batch,
+    // so its later rows cannot overtake the failed one.
+    let mut blocked: HashSet<(&str, Option<&str>)> = HashSet::new();
+    for (i, row) in rows.iter().enumerate() {
+        let key = (row.topic.as_str(), row.key.as_deref());
+        if blocked.contains(&key) {
+            continue;
+        }
+        match publisher.send(row) {
+            Ok(Sent { report, span }) => pending.push(
+                async move {
+                    let report = report.await;
+                    crate::trace::delivered(matches!(report, Ok(Ok(_))));
+                    (i, report)
+                }
+                .instrument(span),
+            ),
+            Err(Failure::Transient(why)) => {
+                // Queue full or broker gone: keep the rest for the next round, in order.
+                outcomes[i] = Outcome::Failed(Failure::Transient(why));
+                break;
+            }
+            Err(failure) => {
+                blocked.insert(key);
+                outcomes[i] = Outcome::Failed(failure);
+            }
+        }
+    }
+    (outcomes, pending)
+}
+
+fn delivery_outcome(report: Report) -> Outcome {
     match report {
         Ok(Ok(_)) => Outcome::Delivered,
         Ok(Err((e, _))) => Outcome::Failed(classify(&e)),
@@ -517,6 +570,16 @@ fn count_per_topic<'a>(name: &'static str, rows: impl Iterator<Item = &'a Outbox
     for (topic, n) in per_topic {
         metrics::counter!(name, "topic" => topic.to_owned()).increment(n);
     }
+}
+
+/// Polls `fut` once: enough for a database statement to be written to its
+/// connection, so PostgreSQL works on it while this task does something else.
+async fn poll_once<F: std::future::Future>(mut fut: std::pin::Pin<&mut F>) {
+    std::future::poll_fn(|cx| {
+        let _ = fut.as_mut().poll(cx);
+        std::task::Poll::Ready(())
+    })
+    .await
 }
 
 async fn sleep_unless_cancelled(delay: Duration, cancel: &CancellationToken) {

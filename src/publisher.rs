@@ -53,11 +53,16 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// A new producer, already connecting (see [`Publisher::warm_up`]): also
+    /// the one built after transient failures gets its producer ID before its
+    /// first batch.
     pub fn new(cfg: &KafkaConfig, cloudevents: Option<&CloudEventsConfig>) -> Result<Self, Error> {
-        Ok(Publisher {
+        let publisher = Publisher {
             producer: client_config(cfg).create()?,
             cloudevents_source: cloudevents.map(|c| c.source.clone()),
-        })
+        };
+        publisher.warm_up();
+        Ok(publisher)
     }
 
     /// Hands one row to the producer. The returned future resolves with the
@@ -106,7 +111,7 @@ impl Publisher {
     /// A plain thread, not `spawn_blocking`: a runtime waits for its blocking
     /// tasks when it shuts down, and this one may wait out its timeout when
     /// the broker is gone.
-    pub fn warm_up(&self) {
+    fn warm_up(&self) {
         let producer = self.producer.clone();
         std::thread::spawn(move || {
             if let Err(e) = producer

@@ -83,7 +83,6 @@ impl Relay {
     /// Runs until `cancel` fires (then `Ok`) or an error that cannot heal.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), Error> {
         let mut publisher = Publisher::new(&self.kafka, self.cfg.cloudevents.as_ref())?;
-        publisher.warm_up();
         let mut reconnect = self.backoff();
         while !cancel.is_cancelled() {
             match self.connect_and_serve(&mut publisher, &cancel).await {

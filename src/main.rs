@@ -15,6 +15,22 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc hands freed pages back to the OS `purge_delay` ms after they were
+/// freed, 1,000 ms by default: a relay that frees a batch every few dozen
+/// milliseconds kept memory it no longer used. 100 ms took its peak RSS from
+/// 36-40 to 32-34 MiB in drains of 200k rows, CPU within noise (0 gave 27-29
+/// MiB for ~10% more CPU). `MIMALLOC_PURGE_DELAY` in the environment wins.
+fn tune_allocator() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
+    // `mi_option_purge_delay` in mimalloc v3's `mi_option_t` (include/mimalloc.h);
+    // libmimalloc-sys leaves the numbers of such options unnamed.
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // Safety: called first thing in `main`, before any other thread exists.
+    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 100) };
+}
+
 /// Transactional outbox relay: PostgreSQL → Kafka.
 #[derive(Parser)]
 #[command(version, about)]
@@ -112,6 +128,7 @@ enum InboxCommand {
 }
 
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     let overrides = Overrides {
         http_addr: cli.http_addr.clone(),
@@ -324,4 +341,18 @@ async fn on_signals(cancel: CancellationToken) {
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     eprintln!("kurier: second signal, exiting without waiting");
     std::process::exit(130);
+}
+
+#[cfg(test)]
+mod tests {
+    /// Option 15 is the purge delay: its v3 default is 1,000 ms, which no
+    /// other mimalloc option has. Catches a mimalloc update renumbering it.
+    #[test]
+    fn option_15_is_mimallocs_purge_delay() {
+        assert!(
+            std::env::var_os("MIMALLOC_PURGE_DELAY").is_none(),
+            "unset MIMALLOC_PURGE_DELAY to run this test"
+        );
+        assert_eq!(unsafe { libmimalloc_sys::mi_option_get(15) }, 1000);
+    }
 }

@@ -51,11 +51,24 @@ async fn main() {
                     prefill(&db, &topic, n).await,
                 );
                 drain(&db, brokers, kurier, n, &mut r).await;
-                r.insert("raw_producer_msgs_per_s", raw_producer(brokers, n).await);
+                r.insert(
+                    "raw_producer_msgs_per_s",
+                    raw_producer(brokers, n, None).await,
+                );
+                // The relay's batch discipline without the database: what
+                // waiting for a whole batch's reports alone costs.
+                r.insert(
+                    "raw_producer_batch_at_a_time_msgs_per_s",
+                    raw_producer(brokers, n, Some(RELAY_BATCH)).await,
+                );
                 drop_db(base, &db).await;
                 r.insert(
                     "relay_vs_raw",
                     r["relay_drain_msgs_per_s"] / r["raw_producer_msgs_per_s"],
+                );
+                r.insert(
+                    "relay_vs_raw_batch_at_a_time",
+                    r["relay_drain_msgs_per_s"] / r["raw_producer_batch_at_a_time_msgs_per_s"],
                 );
                 r.insert(
                     "relay_vs_pg_insert",
@@ -381,9 +394,9 @@ async fn wait_drained(pool: &PgPool) {
 }
 
 /// The same N messages from memory through a plain producer with the relay's settings.
-async fn raw_producer(brokers: &str, n: usize) -> f64 {
+async fn raw_producer(brokers: &str, n: usize, lockstep: Option<usize>) -> f64 {
     let topic = new_topic(brokers, "bench-raw", 6).await;
-    raw_producer_to(brokers, &topic, n).await
+    raw_producer_to(brokers, &topic, n, lockstep).await
 }
 
 async fn install_notify(db: &str) {
@@ -532,7 +545,7 @@ async fn notify_cost(base: &str, f: &mut Figures) {
 /// A raw consumer and the inbox writer read the same topic.
 async fn inbox_vs_raw_consumer(base: &str, brokers: &str, kurier: &str, n: usize, f: &mut Figures) {
     let topic = new_topic(brokers, "bench-inbox", 4).await;
-    raw_producer_to(brokers, &topic, n).await;
+    raw_producer_to(brokers, &topic, n, None).await;
     let (b, t) = (brokers.to_owned(), topic.clone());
     let raw_rate = tokio::task::spawn_blocking(move || consume(&b, &t, n, |_| {}))
         .await
@@ -590,10 +603,15 @@ async fn inbox_vs_raw_consumer(base: &str, brokers: &str, kurier: &str, n: usize
     drop_db(base, &db).await;
 }
 
+/// The relay's default `relay.batch_size`.
+const RELAY_BATCH: usize = 5_000;
+
 /// Sends n messages (the bench's payloads and keys, a message-id header each)
 /// as fast as the producer takes them, and waits for every ack. At most
 /// `WINDOW` reports are outstanding, so memory stays bounded as in the relay.
-async fn raw_producer_to(brokers: &str, topic: &str, n: usize) -> f64 {
+/// With `lockstep`, sends that many and waits for all their reports before
+/// the next ones, as the relay does with a batch.
+async fn raw_producer_to(brokers: &str, topic: &str, n: usize, lockstep: Option<usize>) -> f64 {
     const WINDOW: usize = 10_000;
     let producer: FutureProducer = kurier::publisher::client_config(&KafkaConfig {
         brokers: brokers.to_owned(),
@@ -601,7 +619,8 @@ async fn raw_producer_to(brokers: &str, topic: &str, n: usize) -> f64 {
     })
     .create()
     .unwrap();
-    let mut reports = std::collections::VecDeque::with_capacity(WINDOW);
+    let mut reports: std::collections::VecDeque<rdkafka::producer::DeliveryFuture> =
+        std::collections::VecDeque::with_capacity(WINDOW);
     let t = Instant::now();
     for i in 0..n {
         let id = uuid::Uuid::new_v4().to_string();
@@ -610,8 +629,13 @@ async fn raw_producer_to(brokers: &str, topic: &str, n: usize) -> f64 {
             key: "message-id",
             value: Some(&id),
         });
+        if lockstep.is_some_and(|b| i % b == 0) {
+            while let Some(r) = reports.pop_front() {
+                r.await.unwrap().map_err(|(e, _)| e).unwrap();
+            }
+        }
         if reports.len() == WINDOW {
-            let r: rdkafka::producer::DeliveryFuture = reports.pop_front().unwrap();
+            let r = reports.pop_front().unwrap();
             r.await.unwrap().map_err(|(e, _)| e).unwrap();
         }
         reports.push_back(

@@ -332,9 +332,8 @@ impl Relay {
             poll_once(deleting.as_mut()).await;
             let (outcomes, pending) = send_batch(publisher, rows);
             tokio::join!(claiming.as_mut(), deleting.as_mut());
-            let done = |taken: Option<Result<(), Error>>| taken.unwrap_or(Ok(()));
-            done(deleting.as_mut().take_output())?;
-            let next = claiming.as_mut().take_output().unwrap_or(Ok(Vec::new()))?;
+            deleting.as_mut().take_output().expect("joined above")?;
+            let next = claiming.as_mut().take_output().expect("joined above")?;
             (outcomes, pending, next)
         };
         let sent_all = !outcomes

@@ -53,7 +53,7 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// A new producer, already connecting (see [`Publisher::warm_up`]): also
+    /// A new producer, already connecting (see `warm_up`): also
     /// the one built after transient failures gets its producer ID before its
     /// first batch.
     pub fn new(cfg: &KafkaConfig, cloudevents: Option<&CloudEventsConfig>) -> Result<Self, Error> {

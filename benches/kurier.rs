@@ -59,7 +59,7 @@ async fn main() {
                 // waiting for a whole batch's reports alone costs.
                 r.insert(
                     "raw_producer_batch_at_a_time_msgs_per_s",
-                    raw_producer(brokers, n, Some(RELAY_BATCH)).await,
+                    raw_producer(brokers, n, Some(relay_batch_size())).await,
                 );
                 drop_db(base, &db).await;
                 r.insert(
@@ -603,8 +603,13 @@ async fn inbox_vs_raw_consumer(base: &str, brokers: &str, kurier: &str, n: usize
     drop_db(base, &db).await;
 }
 
-/// The relay's default `relay.batch_size`.
-const RELAY_BATCH: usize = 5_000;
+/// `relay.batch_size` as the spawned daemons resolve it (they inherit this
+/// environment, e.g. `KURIER_RELAY_BATCH_SIZE`).
+fn relay_batch_size() -> usize {
+    use kurier::config::{Config, Overrides, ProcessEnv};
+    let cfg = Config::load(None, &ProcessEnv, &Overrides::default()).expect("daemon config");
+    cfg.relay.batch_size as usize
+}
 
 /// Sends n messages (the bench's payloads and keys, a message-id header each)
 /// as fast as the producer takes them, and waits for every ack. At most

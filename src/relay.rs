@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use futures::future::maybe_done;
+use futures::future::{maybe_done, FutureExt};
 use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use sqlx::postgres::PgListener;
@@ -327,9 +327,10 @@ impl Relay {
             });
             let deleting = maybe_done(self.delete_acknowledged(deleter, acknowledged));
             tokio::pin!(claiming, deleting);
-            // One poll each writes the statements to their connections.
-            poll_once(claiming.as_mut()).await;
-            poll_once(deleting.as_mut()).await;
+            // One poll each writes the statements to their connections, so
+            // PostgreSQL works on them while the batch is sent.
+            let _ = claiming.as_mut().now_or_never();
+            let _ = deleting.as_mut().now_or_never();
             let (outcomes, pending) = send_batch(publisher, rows);
             tokio::join!(claiming.as_mut(), deleting.as_mut());
             deleting.as_mut().take_output().expect("joined above")?;
@@ -568,16 +569,6 @@ fn count_per_topic<'a>(name: &'static str, rows: impl Iterator<Item = &'a Outbox
     for (topic, n) in per_topic {
         metrics::counter!(name, "topic" => topic.to_owned()).increment(n);
     }
-}
-
-/// Polls `fut` once: enough for a database statement to be written to its
-/// connection, so PostgreSQL works on it while this task does something else.
-async fn poll_once<F: std::future::Future>(mut fut: std::pin::Pin<&mut F>) {
-    std::future::poll_fn(|cx| {
-        let _ = fut.as_mut().poll(cx);
-        std::task::Poll::Ready(())
-    })
-    .await
 }
 
 async fn sleep_unless_cancelled(delay: Duration, cancel: &CancellationToken) {

@@ -32,7 +32,7 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
     let (base, brokers) = (env("DATABASE_URL"), env("KAFKA_BROKERS"));
-    let kurier = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/kurier");
+    let kurier = env!("CARGO_BIN_EXE_kurier");
     let mut f = Figures::new();
     eprintln!("bench: N = {n}, payload ~200 bytes, 1000 keys");
 
@@ -51,10 +51,7 @@ async fn main() {
                     prefill(&db, &topic, n).await,
                 );
                 drain(&db, brokers, kurier, n, &mut r).await;
-                r.insert(
-                    "raw_producer_msgs_per_s",
-                    raw_producer(brokers, n, None).await,
-                );
+                raw_producer_cpu(brokers, n, &mut r).await;
                 // The relay's batch discipline without the database: what
                 // waiting for a whole batch's reports alone costs.
                 r.insert(
@@ -73,6 +70,23 @@ async fn main() {
                 r.insert(
                     "relay_vs_pg_insert",
                     r["relay_drain_msgs_per_s"] / r["pg_batched_insert_rows_per_s"],
+                );
+                // Both sides keep the two cores busy, so the drain cannot beat
+                // the raw producer by more than their CPU per message allows.
+                let drain_cpu = r["relay_cpu_s_per_100k"]
+                    + r["drain_postgres_cpu_s_per_100k"]
+                    + r["drain_broker_cpu_s_per_100k"];
+                let raw_cpu = r["raw_producer_cpu_s_per_100k"] + r["raw_broker_cpu_s_per_100k"];
+                r.insert("drain_total_cpu_s_per_100k", drain_cpu);
+                r.insert("raw_total_cpu_s_per_100k", raw_cpu);
+                r.insert("raw_vs_drain_cpu_per_msg", raw_cpu / drain_cpu);
+                r.insert(
+                    "drain_cores_busy",
+                    drain_cpu * r["relay_drain_msgs_per_s"] / 1e5,
+                );
+                r.insert(
+                    "raw_cores_busy",
+                    raw_cpu * r["raw_producer_msgs_per_s"] / 1e5,
                 );
                 r
             })
@@ -265,24 +279,22 @@ fn spawn(kurier: &str, env: &[(&str, &str)]) -> Daemon {
     Daemon(c.spawn().expect("spawn kurier"))
 }
 
+/// The fields of /proc/PID/stat after the command name (field 3 is index 0).
+fn stat_fields(pid: &str) -> Vec<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    rest.split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect()
+}
+
+/// USER_HZ on Linux: /proc reports CPU time in these ticks.
+const TICKS: f64 = 100.0;
+
 /// (utime + stime seconds, peak RSS KiB) of a process, from /proc.
 fn proc_usage(pid: u32) -> (f64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = 100.0; // USER_HZ on Linux
-    let cpu = fields
-        .get(11)
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        + fields
-            .get(12)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
+    let f = stat_fields(&pid.to_string());
+    let cpu = f.get(11).copied().unwrap_or(0.0) + f.get(12).copied().unwrap_or(0.0);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let hwm = status
         .lines()
@@ -290,7 +302,57 @@ fn proc_usage(pid: u32) -> (f64, u64) {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    (cpu / ticks, hwm)
+    (cpu / TICKS, hwm)
+}
+
+/// CPU seconds used so far by every process named `comm`, their exited
+/// children included (PostgreSQL's postmaster collects its finished backends
+/// and autovacuum workers in cutime/cstime), so a difference of two readings
+/// is what that program spent in between.
+fn cpu_of(comm: &str) -> f64 {
+    let mut ticks = 0.0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        let named = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.trim_end() == comm);
+        if named {
+            ticks += stat_fields(&pid)
+                .get(11..15)
+                .map_or(0.0, |t| t.iter().sum());
+        }
+    }
+    ticks / TICKS
+}
+
+/// CPU seconds spent by the broker, PostgreSQL and this bench process between
+/// `start` and `finish`, for the per-program CPU figures.
+struct CpuMeter {
+    at: [f64; 3],
+}
+
+impl CpuMeter {
+    fn start() -> Self {
+        CpuMeter { at: Self::read() }
+    }
+    fn read() -> [f64; 3] {
+        // scripts/bench.sh names the broker it started; otherwise every Tansu counts.
+        let broker = match std::env::var("BENCH_BROKER_PID") {
+            Ok(pid) => {
+                stat_fields(&pid)
+                    .get(11..15)
+                    .map_or(0.0, |t| t.iter().sum())
+                    / TICKS
+            }
+            Err(_) => cpu_of("tansu"),
+        };
+        [broker, cpu_of("postgres"), proc_usage(std::process::id()).0]
+    }
+    /// (broker, postgres, bench process) CPU seconds per 100k messages.
+    fn per_100k(&self, n: usize) -> [f64; 3] {
+        let now = Self::read();
+        let k = 100_000.0 / n as f64;
+        [0, 1, 2].map(|i| (now[i] - self.at[i]) * k)
+    }
 }
 
 async fn count(pool: &PgPool, sql: &str) -> i64 {
@@ -306,12 +368,16 @@ async fn drain(db: &str, brokers: &str, kurier: &str, n: usize, f: &mut Figures)
         .await
         .unwrap();
     let t = Instant::now();
+    let meter = CpuMeter::start();
     let d = spawn(kurier, &[("DATABASE_URL", db), ("KAFKA_BROKERS", brokers)]);
     wait_drained(&pool).await;
     let secs = t.elapsed().as_secs_f64();
     let (cpu, rss_kib) = proc_usage(d.0.id());
+    let [broker, postgres, _] = meter.per_100k(n);
     f.insert("relay_drain_msgs_per_s", n as f64 / secs);
     f.insert("relay_cpu_s_per_100k", cpu * 100_000.0 / n as f64);
+    f.insert("drain_broker_cpu_s_per_100k", broker);
+    f.insert("drain_postgres_cpu_s_per_100k", postgres);
     f.insert("relay_peak_rss_mib", rss_kib as f64 / 1024.0);
     drop(d);
 }
@@ -397,6 +463,18 @@ async fn wait_drained(pool: &PgPool) {
 async fn raw_producer(brokers: &str, n: usize, lockstep: Option<usize>) -> f64 {
     let topic = new_topic(brokers, "bench-raw", 6).await;
     raw_producer_to(brokers, &topic, n, lockstep).await
+}
+
+/// The raw producer's rate, with its own and the broker's CPU per 100k messages.
+async fn raw_producer_cpu(brokers: &str, n: usize, f: &mut Figures) {
+    let meter = CpuMeter::start();
+    f.insert(
+        "raw_producer_msgs_per_s",
+        raw_producer(brokers, n, None).await,
+    );
+    let [broker, _, producer] = meter.per_100k(n);
+    f.insert("raw_broker_cpu_s_per_100k", broker);
+    f.insert("raw_producer_cpu_s_per_100k", producer);
 }
 
 async fn install_notify(db: &str) {
@@ -547,12 +625,15 @@ async fn inbox_vs_raw_consumer(base: &str, brokers: &str, kurier: &str, n: usize
     let topic = new_topic(brokers, "bench-inbox", 4).await;
     raw_producer_to(brokers, &topic, n, None).await;
     let (b, t) = (brokers.to_owned(), topic.clone());
+    let meter = CpuMeter::start();
     let raw_rate = tokio::task::spawn_blocking(move || consume(&b, &t, n, |_| {}))
         .await
         .unwrap();
+    let [raw_broker, _, raw_consumer] = meter.per_100k(n);
     let db = fresh_db(base, "inbox").await;
     let pool = PgPool::connect(&db).await.unwrap();
     let start = Instant::now();
+    let meter = CpuMeter::start();
     let d = spawn(
         kurier,
         &[
@@ -593,7 +674,12 @@ async fn inbox_vs_raw_consumer(base: &str, brokers: &str, kurier: &str, n: usize
         first.duration_since(start).as_secs_f64(),
     );
     let (cpu, rss) = proc_usage(d.0.id());
+    let [broker, postgres, _] = meter.per_100k(n);
     drop(d);
+    f.insert("raw_consumer_cpu_s_per_100k", raw_consumer);
+    f.insert("raw_consumer_broker_cpu_s_per_100k", raw_broker);
+    f.insert("inbox_broker_cpu_s_per_100k", broker);
+    f.insert("inbox_postgres_cpu_s_per_100k", postgres);
     f.insert("raw_consumer_msgs_per_s", raw_rate);
     f.insert("inbox_ingest_msgs_per_s", inbox_rate);
     f.insert("inbox_vs_raw", inbox_rate / raw_rate);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make bench`: starts PostgreSQL (or uses 127.0.0.1:5432) and a fresh Tansu,
-# builds in release mode and runs benches/kurier.rs, which prints a table and a
-# BENCH_JSON line. BENCH_N sets the drained message count (default 200000);
+# then `cargo bench` builds (in release mode, the daemon binary included, so
+# nothing is compiled twice) and runs benches/kurier.rs, which prints a table
+# and a BENCH_JSON line. BENCH_N sets the drained message count (default 200000);
 # BENCH_ONLY=drain,latency (etc., see benches/kurier.rs) runs some parts.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,11 +16,11 @@ port=${KAFKA_BENCH_PORT:-19093}
 if [ -z "${KAFKA_BROKERS:-}" ]; then
   scripts/broker.sh stop .state/bench-broker
   scripts/broker.sh start "$port" .state/bench-broker
+  export BENCH_BROKER_PID=$(cat .state/bench-broker/tansu.pid)
   export KAFKA_BROKERS=127.0.0.1:$port
   trap 'scripts/broker.sh stop .state/bench-broker' EXIT
 fi
 psql -qAt "$DATABASE_URL" -c "SELECT datname FROM pg_database WHERE datname LIKE 'kurier\_bench\_%'" |
   while read -r db; do psql -q "$DATABASE_URL" -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)"; done
-cargo build --release --bin kurier
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
 cargo bench --bench kurier

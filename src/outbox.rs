@@ -195,24 +195,61 @@ impl OutboxRow {
 /// walked in primary-key order and stops after `$1` rows. (Written as
 /// `IN (SELECT ...)`, the planner misjudged the lease count and sorted the
 /// whole table: 137 ms instead of 13 ms for 5,000 of 200,000 rows.)
-/// Rows in `$4` (the batch still in flight) are skipped through a hashed subplan.
+///
+/// The walk covers only the id ranges `$4[i]..=$5[i]` (see [`unskipped_ranges`]):
+/// the rows being sent and being deleted are not visited at all, where the
+/// filter on `$6` fetches each of them from the heap and drops it (10,000
+/// such rows added 11 ms to a 23 ms claim, EXPLAIN ANALYZE). The filter is
+/// the fallback for skipped ids too scattered to be cut out as ranges.
 ///
 /// The outer query keeps rows while the running payload size stays under
 /// `$2` bytes (always at least one row), so a batch of large rows stays small.
 const CLAIM: &str = "SELECT id, message_id, topic, key, payload::text AS payload_text, payload_bytes, headers::text AS headers, attempts \
      FROM (SELECT lim.*, sum(lim.size) OVER (ORDER BY lim.id ROWS UNBOUNDED PRECEDING) AS running \
-           FROM (SELECT o.*, coalesce(pg_column_size(o.payload), 0) + coalesce(octet_length(o.payload_bytes), 0) AS size \
-                 FROM kurier.outbox o \
-                 WHERE o.lease_partition = ANY(ARRAY(SELECT partition FROM kurier.relay_leases \
-                                                     WHERE owner = $3 AND expires_at > now())) \
-                   AND (o.retry_at IS NULL OR o.retry_at <= now()) \
-                   AND o.id NOT IN (SELECT unnest($4::bigint[])) \
-                   AND NOT EXISTS (SELECT 1 FROM kurier.outbox r \
-                                   WHERE r.retry_at > now() AND r.topic = o.topic \
-                                     AND r.key IS NOT DISTINCT FROM o.key AND r.id < o.id) \
-                 ORDER BY o.id LIMIT $1) lim) b \
+           FROM (SELECT c.*, coalesce(pg_column_size(c.payload), 0) + coalesce(octet_length(c.payload_bytes), 0) AS size \
+                 FROM unnest($4::bigint[], $5::bigint[]) AS r(lo, hi) \
+                 CROSS JOIN LATERAL ( \
+                   SELECT o.id, o.message_id, o.topic, o.key, o.payload, o.payload_bytes, o.headers, o.attempts \
+                   FROM kurier.outbox o \
+                   WHERE o.id BETWEEN r.lo AND r.hi \
+                     AND o.lease_partition = ANY(ARRAY(SELECT partition FROM kurier.relay_leases \
+                                                       WHERE owner = $3 AND expires_at > now())) \
+                     AND (o.retry_at IS NULL OR o.retry_at <= now()) \
+                     AND o.id NOT IN (SELECT unnest($6::bigint[])) \
+                     AND NOT EXISTS (SELECT 1 FROM kurier.outbox h \
+                                     WHERE h.retry_at > now() AND h.topic = o.topic \
+                                       AND h.key IS NOT DISTINCT FROM o.key AND h.id < o.id) \
+                   ORDER BY o.id LIMIT $1) c \
+                 ORDER BY c.id LIMIT $1) lim) b \
      WHERE running - size < $2 \
      ORDER BY id";
+
+/// Above this many ranges the walk is cheaper than a range scan each (one
+/// range per gap between skipped ids costs ~0.1 ms; 5,000 one-id gaps took
+/// 520 ms), so the skipped ids are filtered out instead.
+const MAX_RANGES: usize = 8;
+
+/// The id ranges a claim walks: everything but the `skip`ped ids, which are
+/// usually one run (the batch on the wire and the one being deleted) or a
+/// few. `None` when that takes more than [`MAX_RANGES`] ranges.
+fn unskipped_ranges(skip: &[i64]) -> Option<Vec<(i64, i64)>> {
+    let mut ids = skip.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut ranges = Vec::new();
+    let mut from = Some(i64::MIN);
+    for run in ids.chunk_by(|a, b| a.checked_add(1) == Some(*b)) {
+        let (first, last) = (run[0], run[run.len() - 1]);
+        if let Some(lo) = from.filter(|lo| *lo < first) {
+            ranges.push((lo, first - 1));
+        }
+        from = last.checked_add(1);
+    }
+    if let Some(lo) = from {
+        ranges.push((lo, i64::MAX));
+    }
+    (ranges.len() <= MAX_RANGES).then_some(ranges)
+}
 
 /// Reads the next batch of the partitions `owner` holds unexpired leases on
 /// (checked by the database clock in the same statement: the fence), leaving
@@ -225,11 +262,18 @@ pub async fn claim(
     max_bytes: u64,
     in_flight: &[i64],
 ) -> Result<Vec<OutboxRow>, sqlx::Error> {
+    let (ranges, filtered) = match unskipped_ranges(in_flight) {
+        Some(ranges) => (ranges, &[][..]),
+        None => (vec![(i64::MIN, i64::MAX)], in_flight),
+    };
+    let (lo, hi): (Vec<i64>, Vec<i64>) = ranges.into_iter().unzip();
     sqlx::query_as(&schema.sql(CLAIM))
         .bind(i64::from(limit))
         .bind(max_bytes as i64)
         .bind(owner)
-        .bind(in_flight)
+        .bind(lo)
+        .bind(hi)
+        .bind(filtered)
         .fetch_all(conn)
         .await
 }
@@ -283,6 +327,28 @@ mod tests {
             let err = validate_topic(bad).unwrap_err().to_string();
             assert!(err.contains("illegal topic name"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_claim_walks_around_the_skipped_runs() {
+        let all = Some(vec![(i64::MIN, i64::MAX)]);
+        assert_eq!(unskipped_ranges(&[]), all);
+        assert_eq!(
+            unskipped_ranges(&[12, 10, 11, 11]),
+            Some(vec![(i64::MIN, 9), (13, i64::MAX)])
+        );
+        assert_eq!(
+            unskipped_ranges(&[1, 2, 5, 9, 10]),
+            Some(vec![(i64::MIN, 0), (3, 4), (6, 8), (11, i64::MAX)])
+        );
+        assert_eq!(
+            unskipped_ranges(&[i64::MIN, 0, i64::MAX]),
+            Some(vec![(i64::MIN + 1, -1), (1, i64::MAX - 1)])
+        );
+        let scattered: Vec<i64> = (0..20).map(|i| i * 2).collect();
+        assert_eq!(unskipped_ranges(&scattered), None, "{scattered:?}");
+        let eight: Vec<i64> = (0..7).map(|i| i * 2).collect();
+        assert_eq!(unskipped_ranges(&eight).map(|r| r.len()), Some(8));
     }
 
     #[test]

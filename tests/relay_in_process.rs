@@ -373,13 +373,7 @@ async fn a_claim_is_bounded_by_bytes_as_well_as_rows() {
             .unwrap();
     }
     let mut conn = db.pool.acquire().await.unwrap();
-    let mut leases = kurier::lease::Leases::register(
-        &mut conn,
-        kurier::schema::SchemaName::kurier(),
-        Duration::from_secs(30),
-    )
-    .await
-    .unwrap();
+    let mut leases = register(&mut conn).await;
     let me = leases.me.clone();
     assert!(
         claim_ids(&mut conn, &me, 100, 1 << 30).await.is_empty(),
@@ -404,6 +398,74 @@ async fn a_claim_is_bounded_by_bytes_as_well_as_rows() {
     let next = claim_ids_except(&mut conn, &me, 4, 1 << 30, &first).await;
     let all = claim_ids(&mut conn, &me, 8, 1 << 30).await;
     assert_eq!([first, next].concat(), all);
+}
+
+/// The claim cuts skipped runs out as id ranges, or filters skipped ids when
+/// they are too scattered; either way it returns exactly the other rows, in
+/// id order, also those in the gaps between skipped runs and before them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_skips_exactly_the_rows_in_flight() {
+    let db = fresh_db().await;
+    for i in 0..40 {
+        kurier::enqueue(
+            &db.pool,
+            &Message::json("t", serde_json::json!({ "i": i })).key("k"),
+        )
+        .await
+        .unwrap();
+    }
+    // An id no row has (a rolled-back insert) inside a skipped run's gap.
+    let mut tx = db.pool.begin().await.unwrap();
+    kurier::enqueue(
+        &mut *tx,
+        &Message::json("t", serde_json::json!({})).key("k"),
+    )
+    .await
+    .unwrap();
+    tx.rollback().await.unwrap();
+    kurier::enqueue(
+        &db.pool,
+        &Message::json("t", serde_json::json!({ "i": 40 })).key("k"),
+    )
+    .await
+    .unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let mut leases = register(&mut conn).await;
+    leases.heartbeat(&mut conn).await.unwrap();
+    let me = leases.me.clone();
+    let ids = claim_ids(&mut conn, &me, 100, 1 << 30).await;
+    assert_eq!(ids.len(), 41);
+    let at = |i: &[usize]| i.iter().map(|&i| ids[i]).collect::<Vec<i64>>();
+    let skips = [
+        at(&[10, 11, 12, 13]),                                    // one run
+        at(&[0, 1, 2, 5, 6, 20, 21, 22, 40]), // runs with gaps, the first and last rows
+        (0..41).step_by(2).map(|i| ids[i]).collect(), // scattered: filtered
+        at(&[39, 40]).into_iter().chain([ids[40] - 1]).collect(), // the rolled-back id too
+    ];
+    for skip in skips {
+        let expected: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|id| !skip.contains(id))
+            .collect();
+        assert_eq!(
+            claim_ids_except(&mut conn, &me, 100, 1 << 30, &skip).await,
+            expected,
+            "skipping {skip:?}"
+        );
+        assert_eq!(
+            claim_ids_except(&mut conn, &me, 3, 1 << 30, &skip).await,
+            expected[..3],
+            "the first three, skipping {skip:?}"
+        );
+    }
+}
+
+async fn register(conn: &mut sqlx::PgConnection) -> kurier::lease::Leases {
+    let schema = kurier::schema::SchemaName::kurier();
+    kurier::lease::Leases::register(conn, schema, Duration::from_secs(30))
+        .await
+        .unwrap()
 }
 
 async fn claim_ids(conn: &mut sqlx::PgConnection, me: &str, limit: u32, bytes: u64) -> Vec<i64> {

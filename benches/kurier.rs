@@ -2,7 +2,8 @@
 //! PostgreSQL and the same broker, so that ratios hold on a noisy machine.
 //! Needs DATABASE_URL, KAFKA_BROKERS (scripts/bench.sh provides both).
 //! BENCH_N (default 200000) sets the number of drained messages; BENCH_ONLY
-//! (e.g. `drain,latency`) runs some parts: drain, idle, scale, latency, notify, inbox.
+//! (e.g. `drain,latency`) runs some parts: drain, idle, scale, latency (with the
+//! raw producer baseline), notify, inbox.
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::{Child, Command, Stdio};
@@ -107,6 +108,7 @@ async fn main() {
             }
             latency(&db, brokers, kurier, notify, &mut f).await;
         }
+        raw_latency(brokers, &mut f).await;
     }
     if run("notify") {
         notify_cost(base, &mut f).await;
@@ -488,11 +490,73 @@ async fn latency(db: &str, brokers: &str, kurier: &str, notify: bool, f: &mut Fi
     let d = spawn(kurier, &[("DATABASE_URL", db), ("KAFKA_BROKERS", brokers)]);
     let pool = PgPool::connect(db).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let committed: Arc<Mutex<HashMap<String, Instant>>> = Default::default();
-    let received: Arc<Mutex<HashMap<String, Instant>>> = Default::default();
+    let (p50, p99) = send_to_consume(brokers, &topic, |i| {
+        let (pool, topic) = (pool.clone(), topic.clone());
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let m = kurier::Message::json(&topic, payload(i)).key(format!("key-{}", i % 1000));
+            let id = kurier::enqueue(&mut *tx, &m).await.unwrap();
+            tx.commit().await.unwrap();
+            id.to_string()
+        }
+    })
+    .await;
+    let (k50, k99) = if notify {
+        ("latency_notify_p50_ms", "latency_notify_p99_ms")
+    } else {
+        ("latency_poll_p50_ms", "latency_poll_p99_ms")
+    };
+    f.insert(k50, p50);
+    f.insert(k99, p99);
+    drop(d);
+}
+
+/// The floor under the relay's latency: the same messages at the same rate,
+/// handed straight to a producer with the relay's settings and read by the
+/// same consumer (broker, producer linger and consumer fetch wait included).
+async fn raw_latency(brokers: &str, f: &mut Figures) {
+    let topic = new_topic(brokers, "bench-latency-raw", 1).await;
+    let producer: FutureProducer = kurier::publisher::client_config(&KafkaConfig {
+        brokers: brokers.to_owned(),
+        properties: Default::default(),
+    })
+    .create()
+    .unwrap();
+    let (p50, p99) = send_to_consume(brokers, &topic, |i| {
+        let (producer, topic) = (producer.clone(), topic.clone());
+        async move {
+            let id = uuid::Uuid::new_v4().to_string();
+            let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                key: "message-id",
+                value: Some(&id),
+            });
+            let (key, value) = (format!("key-{}", i % 1000), payload(i).to_string());
+            let record = FutureRecord::to(&topic)
+                .key(&key)
+                .payload(&value)
+                .headers(headers);
+            // Not awaited: the clock starts when the producer has the message.
+            drop(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+            id
+        }
+    })
+    .await;
+    f.insert("latency_raw_producer_p50_ms", p50);
+    f.insert("latency_raw_producer_p99_ms", p99);
+}
+
+/// Sends 2,000 messages at 200/s with `send(i)` (which returns the message
+/// ID once the message is committed or handed over) while a consumer reads
+/// the topic; p50 and p99 of send-to-consume, in ms.
+async fn send_to_consume<F, Fut>(brokers: &str, topic: &str, mut send: F) -> (f64, f64)
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = String>,
+{
     let total = 2000;
+    let received: Arc<Mutex<HashMap<String, Instant>>> = Default::default();
     let reader = {
-        let (brokers, topic, received) = (brokers.to_owned(), topic.clone(), received.clone());
+        let (brokers, topic, received) = (brokers.to_owned(), topic.to_owned(), received.clone());
         std::thread::spawn(move || {
             consume(&brokers, &topic, total, |id| {
                 received.lock().unwrap().insert(id, Instant::now());
@@ -500,45 +564,28 @@ async fn latency(db: &str, brokers: &str, kurier: &str, notify: bool, f: &mut Fi
         })
     };
     tokio::time::sleep(Duration::from_secs(2)).await; // the reader is assigned
+    let mut sent = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(5));
     for i in 0..total {
         tick.tick().await;
-        let mut tx = pool.begin().await.unwrap();
-        let id = kurier::enqueue(
-            &mut *tx,
-            &kurier::Message::json(&topic, payload(i)).key(format!("key-{}", i % 1000)),
-        )
-        .await
-        .unwrap();
-        tx.commit().await.unwrap();
-        committed
-            .lock()
-            .unwrap()
-            .insert(id.to_string(), Instant::now());
+        let id = send(i).await;
+        sent.insert(id, Instant::now());
     }
     reader.join().unwrap();
-    let c = committed.lock().unwrap();
     let r = received.lock().unwrap();
-    let mut lat: Vec<f64> = c
+    let mut lat: Vec<f64> = sent
         .iter()
         .filter_map(|(id, t)| {
             r.get(id)
                 .map(|rt| rt.saturating_duration_since(*t).as_secs_f64() * 1000.0)
         })
         .collect();
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    assert_eq!(lat.len(), total, "every sent message was consumed");
+    lat.sort_by(f64::total_cmp);
     let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize];
-    let (p50, p99) = if notify {
-        ("latency_notify_p50_ms", "latency_notify_p99_ms")
-    } else {
-        ("latency_poll_p50_ms", "latency_poll_p99_ms")
-    };
-    f.insert(p50, pct(0.50));
-    f.insert(p99, pct(0.99));
-    drop(d);
+    (pct(0.50), pct(0.99))
 }
 
-/// Reads `total` records of a one-topic assignment, calling `seen` with each message-id.
 fn consume(brokers: &str, topic: &str, total: usize, mut seen: impl FnMut(String)) -> f64 {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)

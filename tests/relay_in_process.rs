@@ -406,41 +406,26 @@ async fn a_claim_is_bounded_by_bytes_as_well_as_rows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_skips_exactly_the_rows_in_flight() {
     let db = fresh_db().await;
-    for i in 0..40 {
-        kurier::enqueue(
-            &db.pool,
-            &Message::json("t", serde_json::json!({ "i": i })).key("k"),
-        )
-        .await
-        .unwrap();
-    }
-    // An id no row has (a rolled-back insert) inside a skipped run's gap.
+    let fill = "INSERT INTO kurier.outbox (topic, key, payload) \
+                SELECT 't', 'k', jsonb_build_object('i', i) FROM generate_series(1, $1) i";
+    sqlx::query(fill).bind(599).execute(&db.pool).await.unwrap();
+    // An id no row has (a rolled-back insert) before the last row.
     let mut tx = db.pool.begin().await.unwrap();
-    kurier::enqueue(
-        &mut *tx,
-        &Message::json("t", serde_json::json!({})).key("k"),
-    )
-    .await
-    .unwrap();
+    sqlx::query(fill).bind(1).execute(&mut *tx).await.unwrap();
     tx.rollback().await.unwrap();
-    kurier::enqueue(
-        &db.pool,
-        &Message::json("t", serde_json::json!({ "i": 40 })).key("k"),
-    )
-    .await
-    .unwrap();
+    sqlx::query(fill).bind(1).execute(&db.pool).await.unwrap();
     let mut conn = db.pool.acquire().await.unwrap();
     let mut leases = register(&mut conn).await;
     leases.heartbeat(&mut conn).await.unwrap();
     let me = leases.me.clone();
-    let ids = claim_ids(&mut conn, &me, 100, 1 << 30).await;
-    assert_eq!(ids.len(), 41);
+    let ids = claim_ids(&mut conn, &me, 1000, 1 << 30).await;
+    assert_eq!(ids.len(), 600);
     let at = |i: &[usize]| i.iter().map(|&i| ids[i]).collect::<Vec<i64>>();
     let skips = [
-        at(&[10, 11, 12, 13]),                                    // one run
-        at(&[0, 1, 2, 5, 6, 20, 21, 22, 40]), // runs with gaps, the first and last rows
-        (0..41).step_by(2).map(|i| ids[i]).collect(), // scattered: filtered
-        at(&[39, 40]).into_iter().chain([ids[40] - 1]).collect(), // the rolled-back id too
+        at(&[10, 11, 12, 13]),                                       // one run
+        at(&[0, 1, 2, 5, 6, 20, 21, 22, 599]), // runs with gaps, the first and last rows
+        at(&[598, 599]).into_iter().chain([ids[599] - 1]).collect(), // the rolled-back id too
+        (0..600).step_by(2).map(|i| ids[i]).collect(), // 300 runs, too many ranges: filtered
     ];
     for skip in skips {
         let expected: Vec<i64> = ids
@@ -449,7 +434,7 @@ async fn a_claim_skips_exactly_the_rows_in_flight() {
             .filter(|id| !skip.contains(id))
             .collect();
         assert_eq!(
-            claim_ids_except(&mut conn, &me, 100, 1 << 30, &skip).await,
+            claim_ids_except(&mut conn, &me, 1000, 1 << 30, &skip).await,
             expected,
             "skipping {skip:?}"
         );

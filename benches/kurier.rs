@@ -326,8 +326,8 @@ fn cpu_of(comm: &str) -> f64 {
     ticks / TICKS
 }
 
-/// CPU seconds spent by the broker, PostgreSQL and this bench process between
-/// `start` and `finish`, for the per-program CPU figures.
+/// CPU seconds spent by the broker, PostgreSQL and this bench process from
+/// `start` to each `per_100k` reading, for the per-program CPU figures.
 struct CpuMeter {
     at: [f64; 3],
 }

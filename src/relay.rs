@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures::future::{maybe_done, FutureExt};
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::StreamExt;
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use sqlx::postgres::PgListener;
 use sqlx::{Connection, PgConnection};
@@ -318,7 +318,7 @@ impl Relay {
             .copied()
             .chain(rows.iter().map(|r| r.id))
             .collect();
-        let (mut outcomes, mut pending, next) = {
+        let (mut outcomes, pending, next) = {
             let claiming = maybe_done(async {
                 if cancel.is_cancelled() {
                     return Ok(Vec::new());
@@ -347,15 +347,24 @@ impl Relay {
             tokio::time::sleep(self.grace).await;
         };
         tokio::pin!(grace);
+        // Reports are awaited in send order, one at a time: those already in
+        // when their turn comes cost no wake-up (one future polled per report
+        // woke this task once per report, ~10% of the relay's CPU samples).
+        let mut unacknowledged = pending.len();
+        let reports = futures::stream::iter(pending).then(|report| report);
+        tokio::pin!(reports);
         loop {
             let renew_in = leases.until_heartbeat();
             tokio::select! {
-                next = pending.next() => match next {
-                    Some((i, report)) => outcomes[i] = delivery_outcome(report),
+                next = reports.next() => match next {
+                    Some((i, report)) => {
+                        outcomes[i] = delivery_outcome(report);
+                        unacknowledged -= 1;
+                    }
                     None => break,
                 },
                 _ = &mut grace => {
-                    tracing::warn!(unacknowledged = pending.len(), "shutdown grace elapsed; unacknowledged rows stay in the outbox");
+                    tracing::warn!(unacknowledged, "shutdown grace elapsed; unacknowledged rows stay in the outbox");
                     break;
                 }
                 // A slow broker must not cost us the leases of the batch in flight.
@@ -494,10 +503,10 @@ fn send_batch(
     rows: &[OutboxRow],
 ) -> (
     Vec<Outcome>,
-    FuturesUnordered<impl std::future::Future<Output = (usize, Report)>>,
+    Vec<impl std::future::Future<Output = (usize, Report)>>,
 ) {
     let mut outcomes = vec![Outcome::Unknown; rows.len()];
-    let pending = FuturesUnordered::new();
+    let mut pending = Vec::with_capacity(rows.len());
     // A key whose row failed to send sends nothing more from this batch,
     // so its later rows cannot overtake the failed one.
     let mut blocked: HashSet<(&str, Option<&str>)> = HashSet::new();

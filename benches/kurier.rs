@@ -307,23 +307,29 @@ fn proc_usage(pid: u32) -> (f64, u64) {
     (cpu / TICKS, hwm)
 }
 
-/// CPU seconds used so far by every process named `comm`, their exited
-/// children included (PostgreSQL's postmaster collects its finished backends
-/// and autovacuum workers in cutime/cstime), so a difference of two readings
-/// is what that program spent in between.
+/// CPU seconds used so far by a process and its exited children
+/// (utime + stime + cutime + cstime): PostgreSQL's postmaster collects its
+/// finished backends and autovacuum workers in the latter two, so a
+/// difference of two readings is what the program spent in between.
+fn cpu_with_children(pid: &str) -> f64 {
+    stat_fields(pid)
+        .get(11..15)
+        .map_or(0.0, |t| t.iter().sum::<f64>())
+        / TICKS
+}
+
+/// [`cpu_with_children`] summed over every process named `comm`.
 fn cpu_of(comm: &str) -> f64 {
-    let mut ticks = 0.0;
+    let mut cpu = 0.0;
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let pid = entry.file_name().to_string_lossy().into_owned();
         let named = std::fs::read_to_string(format!("/proc/{pid}/comm"))
             .is_ok_and(|c| c.trim_end() == comm);
         if named {
-            ticks += stat_fields(&pid)
-                .get(11..15)
-                .map_or(0.0, |t| t.iter().sum());
+            cpu += cpu_with_children(&pid);
         }
     }
-    ticks / TICKS
+    cpu
 }
 
 /// CPU seconds spent by the broker, PostgreSQL and this bench process from
@@ -339,12 +345,7 @@ impl CpuMeter {
     fn read() -> [f64; 3] {
         // scripts/bench.sh names the broker it started; otherwise every Tansu counts.
         let broker = match std::env::var("BENCH_BROKER_PID") {
-            Ok(pid) => {
-                stat_fields(&pid)
-                    .get(11..15)
-                    .map_or(0.0, |t| t.iter().sum())
-                    / TICKS
-            }
+            Ok(pid) => cpu_with_children(&pid),
             Err(_) => cpu_of("tansu"),
         };
         [broker, cpu_of("postgres"), proc_usage(std::process::id()).0]
@@ -516,28 +517,19 @@ async fn latency(db: &str, brokers: &str, kurier: &str, notify: bool, f: &mut Fi
 /// same consumer (broker, producer linger and consumer fetch wait included).
 async fn raw_latency(brokers: &str, f: &mut Figures) {
     let topic = new_topic(brokers, "bench-latency-raw", 1).await;
-    let producer: FutureProducer = kurier::publisher::client_config(&KafkaConfig {
-        brokers: brokers.to_owned(),
-        properties: Default::default(),
-    })
-    .create()
-    .unwrap();
+    let producer = raw_client(brokers);
     let (p50, p99) = send_to_consume(brokers, &topic, |i| {
         let (producer, topic) = (producer.clone(), topic.clone());
         async move {
-            let id = uuid::Uuid::new_v4().to_string();
-            let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
-                key: "message-id",
-                value: Some(&id),
-            });
-            let (key, value) = (format!("key-{}", i % 1000), payload(i).to_string());
-            let record = FutureRecord::to(&topic)
-                .key(&key)
-                .payload(&value)
-                .headers(headers);
+            let m = RawMessage::new(i);
             // Not awaited: the clock starts when the producer has the message.
-            drop(producer.send_result(record).map_err(|(e, _)| e).unwrap());
-            id
+            drop(
+                producer
+                    .send_result(m.record(&topic))
+                    .map_err(|(e, _)| e)
+                    .unwrap(),
+            );
+            m.id
         }
     })
     .await;
@@ -751,22 +743,12 @@ fn relay_batch_size() -> usize {
 /// the next ones, as the relay does with a batch.
 async fn raw_producer_to(brokers: &str, topic: &str, n: usize, lockstep: Option<usize>) -> f64 {
     const WINDOW: usize = 10_000;
-    let producer: FutureProducer = kurier::publisher::client_config(&KafkaConfig {
-        brokers: brokers.to_owned(),
-        properties: Default::default(),
-    })
-    .create()
-    .unwrap();
+    let producer = raw_client(brokers);
     let mut reports: std::collections::VecDeque<rdkafka::producer::DeliveryFuture> =
         std::collections::VecDeque::with_capacity(WINDOW);
     let t = Instant::now();
     for i in 0..n {
-        let id = uuid::Uuid::new_v4().to_string();
-        let v = payload(i).to_string();
-        let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
-            key: "message-id",
-            value: Some(&id),
-        });
+        let m = RawMessage::new(i);
         if lockstep.is_some_and(|b| i % b == 0) {
             while let Some(r) = reports.pop_front() {
                 r.await.unwrap().map_err(|(e, _)| e).unwrap();
@@ -778,12 +760,7 @@ async fn raw_producer_to(brokers: &str, topic: &str, n: usize, lockstep: Option<
         }
         reports.push_back(
             producer
-                .send_result(
-                    FutureRecord::to(topic)
-                        .key(&format!("key-{}", i % 1000))
-                        .payload(&v)
-                        .headers(headers),
-                )
+                .send_result(m.record(topic))
                 .map_err(|(e, _)| e)
                 .unwrap(),
         );
@@ -792,6 +769,45 @@ async fn raw_producer_to(brokers: &str, topic: &str, n: usize, lockstep: Option<
         r.await.unwrap().map_err(|(e, _)| e).unwrap();
     }
     n as f64 / t.elapsed().as_secs_f64()
+}
+
+/// A plain producer with the relay's settings.
+fn raw_client(brokers: &str) -> FutureProducer {
+    kurier::publisher::client_config(&KafkaConfig {
+        brokers: brokers.to_owned(),
+        properties: Default::default(),
+    })
+    .create()
+    .unwrap()
+}
+
+/// The bench's message `i` as the raw producer sends it: the relay's key,
+/// payload and `message-id` header.
+struct RawMessage {
+    id: String,
+    key: String,
+    value: String,
+}
+
+impl RawMessage {
+    fn new(i: usize) -> Self {
+        RawMessage {
+            id: uuid::Uuid::new_v4().to_string(),
+            key: format!("key-{}", i % 1000),
+            value: payload(i).to_string(),
+        }
+    }
+
+    fn record<'a>(&'a self, topic: &'a str) -> FutureRecord<'a, String, String> {
+        let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+            key: "message-id",
+            value: Some(&self.id),
+        });
+        FutureRecord::to(topic)
+            .key(&self.key)
+            .payload(&self.value)
+            .headers(headers)
+    }
 }
 
 fn report(f: &Figures) {

@@ -15,6 +15,10 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` in mimalloc v3's `mi_option_t` (include/mimalloc.h);
+/// libmimalloc-sys leaves the numbers of such options unnamed.
+const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 /// mimalloc hands freed pages back to the OS `purge_delay` ms after they were
 /// freed, 1,000 ms by default: a relay that frees a batch every few dozen
 /// milliseconds kept memory it no longer used. 100 ms took its peak RSS from
@@ -24,9 +28,6 @@ fn tune_allocator() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
         return;
     }
-    // `mi_option_purge_delay` in mimalloc v3's `mi_option_t` (include/mimalloc.h);
-    // libmimalloc-sys leaves the numbers of such options unnamed.
-    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
     // Safety: called first thing in `main`, before any other thread exists.
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 100) };
 }
@@ -345,7 +346,7 @@ async fn on_signals(cancel: CancellationToken) {
 
 #[cfg(test)]
 mod tests {
-    /// Option 15 is the purge delay: its v3 default is 1,000 ms, which no
+    /// Option 15 (`PURGE_DELAY`) is the purge delay: its v3 default is 1,000 ms, which no
     /// other mimalloc option has. Catches a mimalloc update renumbering it.
     #[test]
     fn option_15_is_mimallocs_purge_delay() {
@@ -353,6 +354,9 @@ mod tests {
             std::env::var_os("MIMALLOC_PURGE_DELAY").is_none(),
             "unset MIMALLOC_PURGE_DELAY to run this test"
         );
-        assert_eq!(unsafe { libmimalloc_sys::mi_option_get(15) }, 1000);
+        assert_eq!(
+            unsafe { libmimalloc_sys::mi_option_get(super::PURGE_DELAY) },
+            1000
+        );
     }
 }

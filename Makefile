@@ -5,7 +5,7 @@ setup:
 	scripts/setup.sh
 
 build: setup
-	cargo build --release --bins --examples
+	cargo build --release --workspace --bins --examples
 
 run: build
 	scripts/run-local.sh

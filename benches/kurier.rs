@@ -10,15 +10,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kurier::config::KafkaConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use kurier_daemon::kafka::{client_config, KafkaConfig, Role};
+use kurier_test_support::{consume, drop_db, fresh_named_db, new_topic};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::PgPool;
 
 type Figures = BTreeMap<&'static str, f64>;
 
@@ -32,12 +28,13 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
-    let (base, brokers) = (env("DATABASE_URL"), env("KAFKA_BROKERS"));
+    // The support crate reads DATABASE_URL itself; fail early with the fix.
+    let (_, brokers) = (env("DATABASE_URL"), env("KAFKA_BROKERS"));
     let kurier = env!("CARGO_BIN_EXE_kurier");
     let mut f = Figures::new();
     eprintln!("bench: N = {n}, payload ~200 bytes, 1000 keys");
 
-    let (base, brokers) = (base.as_str(), brokers.as_str());
+    let brokers = brokers.as_str();
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |part: &str| only.is_empty() || only.split(',').any(|p| p == part);
 
@@ -45,7 +42,7 @@ async fn main() {
         f.extend(
             median_of_rounds(|| async move {
                 let mut r = Figures::new();
-                let db = fresh_db(base, "drain").await;
+                let db = fresh_db("drain").await;
                 let topic = new_topic(brokers, "bench-drain", 6).await;
                 r.insert(
                     "pg_batched_insert_rows_per_s",
@@ -59,7 +56,7 @@ async fn main() {
                     "raw_producer_batch_at_a_time_msgs_per_s",
                     raw_producer(brokers, n, Some(relay_batch_size())).await,
                 );
-                drop_db(base, &db).await;
+                drop_db(&db).await;
                 r.insert(
                     "relay_vs_raw",
                     r["relay_drain_msgs_per_s"] / r["raw_producer_msgs_per_s"],
@@ -95,14 +92,14 @@ async fn main() {
         );
     }
     if run("idle") {
-        idle_cost(base, brokers, kurier, &mut f).await;
+        idle_cost(brokers, kurier, &mut f).await;
     }
     if run("scale") {
-        scale(base, brokers, kurier, n, &mut f).await;
+        scale(brokers, kurier, n, &mut f).await;
     }
     if run("latency") {
         for notify in [false, true] {
-            let db = fresh_db(base, "latency").await;
+            let db = fresh_db("latency").await;
             if notify {
                 install_notify(&db).await;
             }
@@ -111,13 +108,13 @@ async fn main() {
         raw_latency(brokers, &mut f).await;
     }
     if run("notify") {
-        notify_cost(base, &mut f).await;
+        notify_cost(&mut f).await;
     }
     if run("inbox") {
         f.extend(
             median_of_rounds(|| async move {
                 let mut r = Figures::new();
-                inbox_vs_raw_consumer(base, brokers, kurier, (n / 4).max(1000), &mut r).await;
+                inbox_vs_raw_consumer(brokers, kurier, (n / 4).max(1000), &mut r).await;
                 r
             })
             .await,
@@ -158,55 +155,14 @@ where
     out
 }
 
-async fn fresh_db(base: &str, what: &str) -> String {
-    let name = format!("kurier_bench_{what}_{}", uuid::Uuid::new_v4().simple());
-    let mut c = PgConnection::connect(base).await.expect("DATABASE_URL");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut c)
-        .await
-        .unwrap();
-    let mut url = url::Url::parse(base).unwrap();
-    url.set_path(&name);
-    kurier::schema::migrate(url.as_str(), &[]).await.unwrap();
-    url.to_string()
-}
-
-/// Drops a finished part's database: its autovacuum (200k dead rows after a
-/// drain) would otherwise run during the next part and take its CPU.
-async fn drop_db(base: &str, url: &str) {
-    let name = url::Url::parse(url)
-        .unwrap()
-        .path()
-        .trim_start_matches('/')
-        .to_owned();
-    let mut c = PgConnection::connect(base).await.expect("DATABASE_URL");
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .execute(&mut c)
-        .await
-        .unwrap();
-}
-
-async fn new_topic(brokers: &str, prefix: &str, partitions: i32) -> String {
-    let topic = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
-    for r in admin
-        .create_topics(
-            &[NewTopic::new(
-                &topic,
-                partitions,
-                TopicReplication::Fixed(1),
-            )],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap()
-    {
-        r.unwrap();
-    }
-    topic
+/// A migrated database for one part, named `kurier_bench_<part>_<uuid>`
+/// (`make bench` drops those left by earlier runs).
+async fn fresh_db(what: &str) -> String {
+    let url = fresh_named_db(&format!("kurier_bench_{what}")).await;
+    let pool = PgPool::connect(&url).await.expect("bench database");
+    kurier::schema::migrate(&pool, &[]).await.expect("migrate");
+    pool.close().await;
+    url
 }
 
 fn payload(i: usize) -> serde_json::Value {
@@ -387,8 +343,8 @@ async fn drain(db: &str, brokers: &str, kurier: &str, n: usize, f: &mut Figures)
 
 /// Transactions per second a relay runs with nothing to do, on a fresh
 /// database (right after a drain, autovacuum's transactions would count too).
-async fn idle_cost(base: &str, brokers: &str, kurier: &str, f: &mut Figures) {
-    let db = fresh_db(base, "idle").await;
+async fn idle_cost(brokers: &str, kurier: &str, f: &mut Figures) {
+    let db = fresh_db("idle").await;
     let pool = PgPool::connect(&db).await.unwrap();
     let d = spawn(kurier, &[("DATABASE_URL", &db), ("KAFKA_BROKERS", brokers)]);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -412,16 +368,16 @@ async fn idle_cost(base: &str, brokers: &str, kurier: &str, f: &mut Figures) {
 }
 
 /// Drain rates with 1, 2 and 3 relay instances.
-async fn scale(base: &str, brokers: &str, kurier: &str, n: usize, f: &mut Figures) {
+async fn scale(brokers: &str, kurier: &str, n: usize, f: &mut Figures) {
     let names = [
         "relay_1_instance_msgs_per_s",
         "relay_2_instances_msgs_per_s",
         "relay_3_instances_msgs_per_s",
     ];
     for (i, name) in names.into_iter().enumerate() {
-        let db = fresh_db(base, "scale").await;
+        let db = fresh_db("scale").await;
         f.insert(name, drain_instances(&db, brokers, kurier, n, i + 1).await);
-        drop_db(base, &db).await;
+        drop_db(&db).await;
     }
 }
 
@@ -578,48 +534,11 @@ where
     (pct(0.50), pct(0.99))
 }
 
-fn consume(brokers: &str, topic: &str, total: usize, mut seen: impl FnMut(String)) -> f64 {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("bench-{}", uuid::Uuid::new_v4()))
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "5")
-        .create()
-        .unwrap();
-    let parts = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap()
-        .topics()[0]
-        .partitions()
-        .len();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..parts as i32 {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .unwrap();
-    }
-    c.assign(&tpl).unwrap();
-    let (mut n, t, deadline) = (0, Instant::now(), Instant::now() + Duration::from_secs(600));
-    while n < total && Instant::now() < deadline {
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
-            let id = m
-                .headers()
-                .and_then(|h| h.iter().find(|h| h.key == "message-id"))
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default();
-            seen(id);
-            n += 1;
-        }
-    }
-    assert_eq!(n, total, "consumer read {n} of {total} records");
-    n as f64 / t.elapsed().as_secs_f64()
-}
-
 /// 8 concurrent writers of single-row transactions, with and without the NOTIFY trigger.
-async fn notify_cost(base: &str, f: &mut Figures) {
+async fn notify_cost(f: &mut Figures) {
     let mut tps = [0.0; 2];
     for (i, notify) in [false, true].into_iter().enumerate() {
-        let db = fresh_db(base, "notify").await;
+        let db = fresh_db("notify").await;
         if notify {
             install_notify(&db).await;
         }
@@ -660,7 +579,7 @@ async fn notify_cost(base: &str, f: &mut Figures) {
 }
 
 /// A raw consumer and the inbox writer read the same topic.
-async fn inbox_vs_raw_consumer(base: &str, brokers: &str, kurier: &str, n: usize, f: &mut Figures) {
+async fn inbox_vs_raw_consumer(brokers: &str, kurier: &str, n: usize, f: &mut Figures) {
     let topic = new_topic(brokers, "bench-inbox", 4).await;
     raw_producer_to(brokers, &topic, n, None).await;
     let (b, t) = (brokers.to_owned(), topic.clone());
@@ -669,7 +588,7 @@ async fn inbox_vs_raw_consumer(base: &str, brokers: &str, kurier: &str, n: usize
         .await
         .unwrap();
     let [raw_broker, _, raw_consumer] = meter.per_100k(n);
-    let db = fresh_db(base, "inbox").await;
+    let db = fresh_db("inbox").await;
     let pool = PgPool::connect(&db).await.unwrap();
     let start = Instant::now();
     let meter = CpuMeter::start();
@@ -725,13 +644,13 @@ async fn inbox_vs_raw_consumer(base: &str, brokers: &str, kurier: &str, n: usize
     f.insert("inbox_cpu_s_per_100k", cpu * 100_000.0 / n as f64);
     f.insert("inbox_peak_rss_mib", rss as f64 / 1024.0);
     pool.close().await;
-    drop_db(base, &db).await;
+    drop_db(&db).await;
 }
 
 /// `relay.batch_size` as the spawned daemons resolve it (they inherit this
 /// environment, e.g. `KURIER_RELAY_BATCH_SIZE`).
 fn relay_batch_size() -> usize {
-    use kurier::config::{Config, Overrides, ProcessEnv};
+    use kurier_daemon::config::{Config, Overrides, ProcessEnv};
     let cfg = Config::load(None, &ProcessEnv, &Overrides::default()).expect("daemon config");
     cfg.relay.batch_size as usize
 }
@@ -773,12 +692,13 @@ async fn raw_producer_to(brokers: &str, topic: &str, n: usize, lockstep: Option<
 
 /// A plain producer with the relay's settings.
 fn raw_client(brokers: &str) -> FutureProducer {
-    kurier::publisher::client_config(&KafkaConfig {
+    let kafka = KafkaConfig {
         brokers: brokers.to_owned(),
         properties: Default::default(),
-    })
-    .create()
-    .unwrap()
+    };
+    client_config(&kafka, Role::Producer, &Default::default(), None)
+        .create()
+        .unwrap()
 }
 
 /// The bench's message `i` as the raw producer sends it: the relay's key,

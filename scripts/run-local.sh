@@ -23,7 +23,7 @@ cleanup() {
 trap cleanup EXIT
 "$bin/examples/tail" kurier-demo &
 pids+=($!)
-"$bin/examples/produce" 2 kurier-demo &
+"$bin/order-service" 2 kurier-demo &
 pids+=($!)
 echo "run: daemon starting; metrics at http://$KURIER_HTTP_ADDR/metrics; Ctrl-C to stop" >&2
 "$bin/kurier" run

@@ -18,6 +18,6 @@ fi
 # Databases left by earlier runs (each test creates its own).
 psql -qAt "$DATABASE_URL" -c "SELECT datname FROM pg_database WHERE datname LIKE 'kurier\_test\_%'" |
   while read -r db; do psql -q "$DATABASE_URL" -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)"; done
-cargo build --release --bins --examples
-cargo test --release
+cargo build --release --workspace --bins --examples
+cargo test --release --workspace --no-fail-fast
 scripts/e2e.sh

@@ -1,26 +1,22 @@
-//! The library's error type.
-
-use crate::config::ConfigError;
+//! The library's error type: what a caller of `enqueue`, the inbox or
+//! `migrate` can see. Kafka, HTTP and configuration errors belong to the
+//! daemon, which wraps this type.
 
 /// Everything that can go wrong in Kurier's library calls.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
+    /// The database refused or lost the statement.
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
+    /// Applying the migrations failed.
     #[error("migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
     /// A message that can never be published (bad topic name, bad headers, ...).
     #[error("invalid message: {0}")]
     InvalidMessage(String),
     /// The database lacks Kurier's schema or rights; retrying cannot help.
     #[error("{problem}; fix: {fix}")]
     Setup { problem: String, fix: String },
-    #[error("http listener: {0}")]
-    Http(#[source] std::io::Error),
 }
 
 impl Error {
@@ -29,9 +25,31 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Database(e) => database_error_is_retryable(e),
-            Error::Kafka(_) => true,
             _ => false,
         }
+    }
+
+    /// A database error, turned into an instruction when it means that
+    /// Kurier's tables are missing or the role lacks rights.
+    pub fn explained(e: sqlx::Error) -> Error {
+        if let sqlx::Error::Database(db) = &e {
+            match db.code().as_deref() {
+                Some("42P01") | Some("3F000") => {
+                    return Error::Setup {
+                        problem: format!("Kurier's tables are missing ({})", db.message()),
+                        fix: "run `kurier migrate` against this database".into(),
+                    }
+                }
+                Some("42501") => {
+                    return Error::Setup {
+                        problem: format!("permission denied ({})", db.message()),
+                        fix: "grant the relay's role USAGE on schema kurier and SELECT, INSERT, UPDATE, DELETE on its tables".into(),
+                    }
+                }
+                _ => {}
+            }
+        }
+        Error::Database(e)
     }
 }
 
@@ -50,23 +68,4 @@ fn database_error_is_retryable(e: &sqlx::Error) -> bool {
         | sqlx::Error::Decode(_) => false,
         _ => true,
     }
-}
-
-/// Turns "relation kurier.outbox does not exist" into an instruction.
-pub(crate) fn explain_setup(e: sqlx::Error) -> Error {
-    if let sqlx::Error::Database(db) = &e {
-        match db.code().as_deref() {
-            Some("42P01") | Some("3F000") => {
-                return Error::Setup { problem: format!("Kurier's tables are missing ({})", db.message()), fix: "run `kurier migrate` against this database".into() }
-            }
-            Some("42501") => {
-                return Error::Setup {
-                    problem: format!("permission denied ({})", db.message()),
-                    fix: "grant the relay's role USAGE on schema kurier and SELECT, INSERT, UPDATE, DELETE on its tables".into(),
-                }
-            }
-            _ => {}
-        }
-    }
-    Error::Database(e)
 }

@@ -1,45 +1,29 @@
-//! Kurier: a transactional outbox for PostgreSQL and Kafka.
+//! Kurier's SQL contract, as a Rust service links it: write to the outbox in
+//! your own transaction, consume the inbox exactly once, apply the schema.
+//! Everything here is plain SQL underneath (`migrations/`), so services in
+//! other languages use the same tables; the `kurier` daemon (crate
+//! `kurier-daemon`) does the Kafka side. This crate knows nothing about
+//! Kafka, HTTP or config files.
 //!
 //! # Layout
-//! - [`outbox`]: the outbox table's Rust face: [`outbox::Message`], [`outbox::enqueue`]
-//!   for services, and the relay's claim / finish queries.
-//! - [`relay`]: the loop that moves outbox rows to Kafka (claim → publish →
-//!   delivery report → delete), with retries and dead letters.
-//! - [`dead_letter`]: rows that cannot be published: moved aside with their reason;
-//!   listed, retried or discarded by operators (`kurier dead-letters`).
-//! - [`publisher`]: the Kafka producer, the row → record mapping and error classes.
-//! - [`lease`]: which relay instance may publish (one active owner, fenced by its connection).
-//! - [`inbox`]: the inbox table: [`inbox::Processor`] runs handlers exactly once per
-//!   message ID, [`inbox::record_message`] dedups for services that consume Kafka themselves.
-//! - [`inbox_writer`]: the daemon's Kafka → inbox consumer (offsets after the DB commit).
-//! - [`schema`]: `kurier migrate`.
-//! - [`daemon`]: wires relay, HTTP endpoints and shutdown; runnable in-process.
-//! - [`check`], [`status`]: `kurier check` and `kurier status`.
-//! - [`http`], [`health`], [`telemetry`], [`config`], [`redact`], [`error`]: the edges.
+//! - [`outbox`]: [`Message`] and [`enqueue`] on the caller's transaction;
+//!   [`outbox::store`] holds every query on the outbox tables (the relay's
+//!   claim and finish, leases, dead letters, backlog counts).
+//! - [`inbox`]: [`inbox::record_message`] for services that consume Kafka
+//!   themselves, [`inbox::Processor`] for rows the daemon stored;
+//!   [`inbox::store`] holds every query on the inbox tables.
+//! - [`schema`]: validated schema names, [`schema::migrate`], and the
+//!   Debezium-shape capture triggers.
+//! - [`error`]: the one error type of this crate.
 //!
 //! See ARCHITECTURE.md for the data flow and where each guarantee is enforced.
 
-pub mod check;
-pub mod config;
-pub mod daemon;
-pub mod dead_letter;
-pub mod debezium;
 pub mod error;
-pub mod health;
-pub mod http;
 pub mod inbox;
-pub mod inbox_writer;
-pub mod lease;
+mod names;
 pub mod outbox;
-pub mod publisher;
-pub mod redact;
-pub mod relay;
 pub mod schema;
-pub mod status;
-pub mod telemetry;
-pub mod trace;
 
-pub use config::Config;
-pub use daemon::Daemon;
 pub use error::Error;
 pub use outbox::{enqueue, Message, Payload};
+pub use schema::SchemaName;

@@ -1,10 +1,8 @@
 //! A backlog of one million rows drains with flat memory.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use kurier_test_support::*;
 
 /// Peak and current resident set of a process, in KiB.
 fn rss_kib(pid: u32) -> (u64, u64) {
@@ -42,7 +40,7 @@ async fn a_million_row_backlog_drains_with_flat_memory() {
         ("DATABASE_URL", db.url.as_str()),
         ("KAFKA_BROKERS", brokers.as_str()),
     ];
-    let mut child = spawn_binary(&["run"], &env);
+    let mut child = spawn_binary(kurier_bin!(), &["run"], &env);
     let pid = child.id();
     let started = Instant::now();
     let mut samples = Vec::new();

@@ -6,14 +6,12 @@
 //! Tansu restart cannot be used to check for loss, because the test broker
 //! keeps topics in memory (its `memory://` storage) and a restart empties it.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use kurier_test_support::*;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -130,7 +128,7 @@ async fn broker_unreachable_then_back_loses_nothing() {
         &brokers,
         "http = { addr = \"127.0.0.1:0\" }\n[relay]\nbatch_size = 100\nretry_max_ms = 1000\n[kafka.properties]\n\"reconnect.backoff.max.ms\" = 500\n\"message.timeout.ms\" = 4000\n",
     );
-    let daemon = kurier::Daemon::bind(cfg).await.unwrap();
+    let daemon = kurier_daemon::Daemon::bind(cfg).await.unwrap();
     let http = daemon.http_addr().unwrap();
     let cancel = CancellationToken::new();
     let handle = tokio::spawn(daemon.run(cancel.clone()));
@@ -221,7 +219,7 @@ async fn an_idle_inbox_writer_is_not_ready_while_the_broker_is_gone() {
             unique("svc")
         ),
     );
-    let daemon = kurier::Daemon::bind(cfg).await.unwrap();
+    let daemon = kurier_daemon::Daemon::bind(cfg).await.unwrap();
     let http = daemon.http_addr().unwrap();
     let cancel = CancellationToken::new();
     let handle = tokio::spawn(daemon.run(cancel.clone()));

@@ -2,13 +2,11 @@
 //! installed server binaries, a temporary data directory, a free port), so
 //! the shared server is never restarted.
 
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use kurier_test_support::*;
 use tokio_util::sync::CancellationToken;
 
 struct PrivatePg {
@@ -119,12 +117,12 @@ fn private_pg() -> PrivatePg {
 async fn relay_survives_a_postgresql_restart_mid_stream() {
     let (pg, brokers, topic) = (private_pg(), brokers(), unique("pg-restart"));
     create_topic(&brokers, &topic, 3).await;
-    kurier::schema::migrate(&pg.url(), &[]).await.unwrap();
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(8)
         .connect(&pg.url())
         .await
         .unwrap();
+    kurier::schema::migrate(&pool, &[]).await.unwrap();
     // A backlog, so the restart hits the relay while it is publishing.
     let mut committed = write_concurrently(
         &pool,
@@ -142,7 +140,7 @@ async fn relay_survives_a_postgresql_restart_mid_stream() {
         &brokers,
         "http = { addr = \"127.0.0.1:0\" }\n[relay]\nbatch_size = 50\nretry_max_ms = 1000\n",
     );
-    let daemon = kurier::Daemon::bind(cfg).await.unwrap();
+    let daemon = kurier_daemon::Daemon::bind(cfg).await.unwrap();
     let http = daemon.http_addr().unwrap();
     let cancel = CancellationToken::new();
     let handle = tokio::spawn(daemon.run(cancel.clone()));

@@ -7,13 +7,13 @@
 use std::collections::BTreeMap;
 use std::process::Command;
 
-use kurier::config::{Config, Overrides};
+use kurier_daemon::config::{Config, Overrides};
 use yaml_rust2::{Yaml, YamlLoader};
 
 const EXAMPLE: &str = include_str!("../config.example.toml");
 
 fn deploy(file: &str) -> String {
-    let path = format!("{}/deploy/{file}", env!("CARGO_MANIFEST_DIR"));
+    let path = format!("{}/../deploy/{file}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
@@ -202,7 +202,7 @@ fn kubernetes_sidecar_matches_the_binary() {
         for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
             let get = &c[probe]["httpGet"];
             assert_eq!(get["path"].as_str(), Some(path), "{origin}: {probe} path");
-            assert!(kurier::http::PATHS.contains(&path));
+            assert!(kurier_daemon::http::PATHS.contains(&path));
             assert_eq!(
                 get["port"].as_i64(),
                 Some(port as i64),

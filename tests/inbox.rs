@@ -1,16 +1,14 @@
 //! The inbox: the daemon's Kafka → inbox writer, the processor, and
 //! `record_message`, against real PostgreSQL and a real broker.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use futures::future::BoxFuture;
 use kurier::inbox::{self, Handler, HandlerError, InboxMessage, Processor};
+use kurier_test_support::*;
 use sqlx::PgConnection;
 
 fn inbox_toml(topic: &str, consumer: &str) -> String {
@@ -109,7 +107,7 @@ async fn abort_between_db_commit_and_offset_commit_loses_nothing_and_stores_once
         let mut e = as_refs(&env);
         e.push(("KURIER_FAILPOINT_ABORT_AFTER_INBOX_COMMITS", "3".into()));
         let pairs: Vec<(&str, &str)> = e.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let mut child = spawn_binary(&["run"], &pairs);
+        let mut child = spawn_binary(kurier_bin!(), &["run"], &pairs);
         let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
             .await
             .unwrap();
@@ -125,7 +123,7 @@ async fn abort_between_db_commit_and_offset_commit_loses_nothing_and_stores_once
     );
     env.push(("RUST_LOG", "warn".into()));
     let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut child = spawn_binary(&["run"], &pairs);
+    let mut child = spawn_binary(kurier_bin!(), &["run"], &pairs);
     let deadline = Instant::now() + Duration::from_secs(90);
     while inbox_count(&db.pool, "ledger").await < 1000 {
         assert!(
@@ -169,7 +167,7 @@ async fn two_writers_in_one_group_through_rebalances_store_each_id_once() {
             "session.timeout.ms=6000,max.poll.interval.ms=15000",
         ),
     ];
-    let mut a = spawn_binary(&["run"], &env);
+    let mut a = spawn_binary(kurier_bin!(), &["run"], &env);
     let producer = plain_producer(&brokers);
     let mut ids = HashSet::new();
     let mut b = None;
@@ -179,7 +177,7 @@ async fn two_writers_in_one_group_through_rebalances_store_each_id_once() {
         send_plain(&producer, &topic, &format!("k{}", i % 16), b"{}", Some(&id)).await;
         ids.insert(id);
         if i == 1000 {
-            b = Some(spawn_binary(&["run"], &env)); // joins: rebalance
+            b = Some(spawn_binary(kurier_bin!(), &["run"], &env)); // joins: rebalance
         }
         if i == 2000 {
             signal(&a, "TERM"); // leaves: rebalance
@@ -278,7 +276,9 @@ async fn failing_handler_is_retried_then_parked_while_others_proceed() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         p.process_batch(&handler).await.unwrap();
-        let s = &inbox::status(&db.pool).await.unwrap()[0];
+        let s = &inbox::store::status(&db.pool, &kurier::SchemaName::kurier())
+            .await
+            .unwrap()[0];
         if s.pending == 0 {
             assert_eq!((s.processed, s.parked), (3, 1));
             break;
@@ -300,8 +300,19 @@ async fn failing_handler_is_retried_then_parked_while_others_proceed() {
         "3 good + 3 attempts of the poison message"
     );
     // An operator puts it back in line.
-    assert_eq!(inbox::unpark(&db.pool, "c", None).await.unwrap(), 1);
-    assert_eq!(inbox::status(&db.pool).await.unwrap()[0].pending, 1);
+    assert_eq!(
+        inbox::store::unpark(&db.pool, &kurier::SchemaName::kurier(), "c", None)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        inbox::store::status(&db.pool, &kurier::SchemaName::kurier())
+            .await
+            .unwrap()[0]
+            .pending,
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -492,8 +503,9 @@ async fn retention_prunes_payloads_then_forgets_dedup_keys() {
     .await;
     sqlx::query("UPDATE kurier.inbox SET processed_at = now() - interval '10 days' WHERE message_id = 'old'").execute(&db.pool).await.unwrap();
     sqlx::query("UPDATE kurier.inbox SET processed_at = now() - interval '2 days' WHERE message_id = 'recent'").execute(&db.pool).await.unwrap();
-    let (pruned, deleted) = inbox::prune(
+    let (pruned, deleted) = inbox::store::prune(
         &db.pool,
+        &kurier::SchemaName::kurier(),
         Duration::from_secs(86_400),
         Duration::from_secs(7 * 86_400),
     )

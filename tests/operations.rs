@@ -2,14 +2,12 @@
 //! CloudEvents headers, trace context, and the backlog metrics. Real
 //! PostgreSQL and a real Kafka-protocol broker, as everywhere.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::*;
 use kurier::schema::SchemaName;
 use kurier::Message;
+use kurier_test_support::*;
 
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
@@ -37,11 +35,11 @@ async fn debezium_shape_table_is_relayed_like_the_outbox_event_router() {
         &brokers,
         "[[debezium]]\ntable = \"public.outbox\"\n",
     );
-    kurier::debezium::install(&cfg.database_url, &cfg.debezium)
+    kurier::schema::debezium::install(&db.pool, &cfg.debezium)
         .await
         .unwrap();
     // Installing twice is harmless (kurier migrate runs it on every deploy).
-    kurier::debezium::install(&cfg.database_url, &cfg.debezium)
+    kurier::schema::debezium::install(&db.pool, &cfg.debezium)
         .await
         .unwrap();
 
@@ -133,7 +131,7 @@ async fn debezium_table_of_the_wrong_shape_is_refused_naming_the_columns() {
         .await
         .unwrap();
     let cfg = config(&db.url, &brokers(), "[[debezium]]\ntable = \"events\"\n");
-    let err = kurier::debezium::install(&cfg.database_url, &cfg.debezium)
+    let err = kurier::schema::debezium::install(&db.pool, &cfg.debezium)
         .await
         .unwrap_err()
         .to_string();
@@ -142,13 +140,13 @@ async fn debezium_table_of_the_wrong_shape_is_refused_naming_the_columns() {
         "{err}"
     );
     let missing = config(&db.url, &brokers(), "[[debezium]]\ntable = \"nope\"\n");
-    let err = kurier::debezium::install(&missing.database_url, &missing.debezium)
+    let err = kurier::schema::debezium::install(&db.pool, &missing.debezium)
         .await
         .unwrap_err()
         .to_string();
     assert!(err.contains("public.nope does not exist"), "{err}");
     // Names from config never reach SQL unchecked.
-    let bad = kurier::config::Config::from_toml(
+    let bad = kurier_daemon::config::Config::from_toml(
         "[[debezium]]\ntable = \"public.x; DROP TABLE y\"\n",
         &[("DATABASE_URL".to_string(), db.url.clone())]
             .into_iter()
@@ -169,7 +167,7 @@ async fn one_daemon_relays_several_schemas_each_with_its_own_dead_letters() {
         &brokers,
         "[relay]\nschemas = [\"kurier\", \"tenant_a\", \"tenant_b\"]\nmax_attempts = 1\n",
     );
-    kurier::schema::migrate(&db.url, &cfg.relay.schemas)
+    kurier::schema::migrate(&db.pool, &cfg.relay.schemas)
         .await
         .unwrap();
     let topic = unique("tenants");
@@ -204,7 +202,9 @@ async fn one_daemon_relays_several_schemas_each_with_its_own_dead_letters() {
     let tenant_b = SchemaName::new("tenant_b").unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let st = kurier::status::outbox(&db.pool, &tenant_b).await.unwrap();
+        let st = kurier::outbox::store::status::outbox(&db.pool, &tenant_b)
+            .await
+            .unwrap();
         if st.dead_letters == 1 && st.pending == 0 {
             break;
         }
@@ -213,12 +213,12 @@ async fn one_daemon_relays_several_schemas_each_with_its_own_dead_letters() {
     }
     daemon.stop().await;
     for schema in ["kurier", "tenant_a"] {
-        let st = kurier::status::outbox(&db.pool, &SchemaName::new(schema).unwrap())
+        let st = kurier::outbox::store::status::outbox(&db.pool, &SchemaName::new(schema).unwrap())
             .await
             .unwrap();
         assert_eq!((st.pending, st.dead_letters), (0, 0), "{schema}: {st:?}");
     }
-    let dead = kurier::dead_letter::list(&db.pool, &tenant_b, 10)
+    let dead = kurier::outbox::store::dead_letter::list(&db.pool, &tenant_b, 10)
         .await
         .unwrap();
     assert!(dead[0].error.contains("illegal topic name"), "{dead:?}");
@@ -375,7 +375,7 @@ async fn metrics_report_backlog_throughput_and_leases() {
     }
     let mut cfg = config(&db.url, &brokers, "");
     cfg.http_addr = Some("127.0.0.1:0".parse().unwrap());
-    let daemon = kurier::Daemon::bind(cfg).await.unwrap();
+    let daemon = kurier_daemon::Daemon::bind(cfg).await.unwrap();
     let addr = daemon.http_addr().unwrap();
     let cancel = tokio_util::sync::CancellationToken::new();
     let handle = tokio::spawn(daemon.run(cancel.clone()));

@@ -1,10 +1,8 @@
 //! The `kurier` binary as a process: SIGKILL at random instants, SIGTERM, bad config.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use kurier_test_support::*;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
@@ -39,7 +37,7 @@ async fn sigkill_mid_batch_and_restart_loses_nothing() {
     let started = Instant::now();
     let mut kills = 0;
     while started.elapsed() < Duration::from_secs(8) {
-        let mut child = spawn_binary(&["run"], &env);
+        let mut child = spawn_binary(kurier_bin!(), &["run"], &env);
         let lifetime = rand::rng().random_range(500..1500);
         tokio::time::sleep(Duration::from_millis(lifetime)).await;
         child.kill().expect("SIGKILL");
@@ -59,7 +57,7 @@ async fn sigkill_mid_batch_and_restart_loses_nothing() {
     );
 
     // A last run drains the rest, then stops gracefully on SIGTERM with exit 0.
-    let mut child = spawn_binary(&["run"], &env);
+    let mut child = spawn_binary(kurier_bin!(), &["run"], &env);
     wait_drained(&db.pool, Duration::from_secs(60)).await;
     signal(&child, "TERM");
     let status = child.wait().unwrap();
@@ -90,7 +88,7 @@ async fn sigterm_finishes_the_in_flight_batch_and_exits_zero() {
         ("KAFKA_BROKERS", brokers.as_str()),
         ("KURIER_RELAY_BATCH_SIZE", "500"),
     ];
-    let mut child = spawn_binary(&["run"], &env);
+    let mut child = spawn_binary(kurier_bin!(), &["run"], &env);
     // Stop as soon as the first batch is finished, while later ones are in flight.
     let total = outbox_count(&db.pool).await;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -189,7 +187,7 @@ async fn shutdown_with_broker_down_respects_grace_and_second_signal() {
         ("KURIER_SHUTDOWN_GRACE_MS", "1500"),
     ];
 
-    let mut child = spawn_binary(&["run"], &env);
+    let mut child = spawn_binary(kurier_bin!(), &["run"], &env);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let t = Instant::now();
     signal(&child, "TERM");
@@ -211,7 +209,7 @@ async fn shutdown_with_broker_down_respects_grace_and_second_signal() {
         ("KAFKA_BROKERS", "127.0.0.1:1"),
         ("KURIER_SHUTDOWN_GRACE_MS", "60000"),
     ];
-    let mut child = spawn_binary(&["run"], &env);
+    let mut child = spawn_binary(kurier_bin!(), &["run"], &env);
     tokio::time::sleep(Duration::from_secs(2)).await;
     signal(&child, "TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -1,12 +1,10 @@
 //! The relay in-process against real PostgreSQL and a real broker.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::*;
 use kurier::Message;
+use kurier_test_support::*;
 use tokio_util::sync::CancellationToken;
 
 const READ: Duration = Duration::from_secs(60);
@@ -241,19 +239,21 @@ async fn key_to_partition_matches_the_java_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_is_idempotent_and_safe_concurrently() {
     let url = fresh_empty_db().await;
-    let runs: Vec<_> = (0..4).map(|_| kurier::schema::migrate(&url, &[])).collect();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let runs: Vec<_> = (0..4)
+        .map(|_| kurier::schema::migrate(&pool, &[]))
+        .collect();
     for r in futures::future::join_all(runs).await {
         r.expect("concurrent migrate");
     }
-    kurier::schema::migrate(&url, &[])
+    kurier::schema::migrate(&pool, &[])
         .await
         .expect("second migrate is a no-op");
-    let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM kurier._sqlx_migrations")
         .fetch_one(&pool)
         .await
         .unwrap();
-    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations"))
         .unwrap()
         .count() as i64;
     assert_eq!(applied, files);
@@ -329,9 +329,13 @@ async fn poison_rows_are_dead_lettered_and_good_rows_flow_in_order() {
     assert!(!relay.handle.is_finished(), "the daemon stays up");
 
     // Operators: list, retry (the bad-header row, after fixing it), discard the rest.
-    let listed = kurier::dead_letter::list(&db.pool, &kurier::schema::SchemaName::kurier(), 10)
-        .await
-        .unwrap();
+    let listed = kurier::outbox::store::dead_letter::list(
+        &db.pool,
+        &kurier::schema::SchemaName::kurier(),
+        10,
+    )
+    .await
+    .unwrap();
     assert_eq!(listed.len(), 3);
     assert!(listed[1].payload_size.unwrap() > 3_000_000);
     sqlx::query("UPDATE kurier.dead_letters SET headers = '{\"n\": \"1\"}' WHERE id = $1")
@@ -339,10 +343,10 @@ async fn poison_rows_are_dead_lettered_and_good_rows_flow_in_order() {
         .execute(&db.pool)
         .await
         .unwrap();
-    let retried = kurier::dead_letter::retry(
+    let retried = kurier::outbox::store::dead_letter::retry(
         &db.pool,
         &kurier::schema::SchemaName::kurier(),
-        &kurier::dead_letter::Selection::Ids(vec![listed[2].id]),
+        &kurier::outbox::store::dead_letter::Selection::Ids(vec![listed[2].id]),
     )
     .await
     .unwrap();
@@ -351,10 +355,10 @@ async fn poison_rows_are_dead_lettered_and_good_rows_flow_in_order() {
     read_ids(&brokers, &topic, &HashSet::from([fixed]), READ);
     wait_drained(&db.pool, Duration::from_secs(10)).await;
     assert_eq!(
-        kurier::dead_letter::discard(
+        kurier::outbox::store::dead_letter::discard(
             &db.pool,
             &kurier::schema::SchemaName::kurier(),
-            &kurier::dead_letter::Selection::All
+            &kurier::outbox::store::dead_letter::Selection::All
         )
         .await
         .unwrap(),
@@ -382,7 +386,7 @@ async fn a_claim_is_bounded_by_bytes_as_well_as_rows() {
     leases.heartbeat(&mut conn).await.unwrap();
     assert_eq!(
         leases.owned().len(),
-        kurier::lease::PARTITIONS,
+        kurier::outbox::store::lease::PARTITIONS,
         "a lone relay owns every partition"
     );
     assert_eq!(claim_ids(&mut conn, &me, 100, 1 << 30).await.len(), 10);
@@ -446,9 +450,9 @@ async fn a_claim_skips_exactly_the_rows_in_flight() {
     }
 }
 
-async fn register(conn: &mut sqlx::PgConnection) -> kurier::lease::Leases {
+async fn register(conn: &mut sqlx::PgConnection) -> kurier_daemon::lease::Leases {
     let schema = kurier::schema::SchemaName::kurier();
-    kurier::lease::Leases::register(conn, schema, Duration::from_secs(30))
+    kurier_daemon::lease::Leases::register(conn, schema, Duration::from_secs(30))
         .await
         .unwrap()
 }
@@ -464,7 +468,7 @@ async fn claim_ids_except(
     bytes: u64,
     in_flight: &[i64],
 ) -> Vec<i64> {
-    kurier::outbox::claim(
+    kurier::outbox::store::claim::claim(
         conn,
         &kurier::schema::SchemaName::kurier(),
         me,
@@ -485,7 +489,7 @@ async fn the_least_privilege_role_is_enough_for_the_relay() {
     create_topic(&brokers, &topic, 1).await;
     let script = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/deploy/least-privilege.sql"
+        "/../deploy/least-privilege.sql"
     ))
     .unwrap();
     sqlx::raw_sql(&script)
@@ -499,7 +503,7 @@ async fn the_least_privilege_role_is_enough_for_the_relay() {
         &brokers,
         "[relay]\nlease_ttl_ms = 2000\n",
     );
-    let findings = kurier::check::run(&cfg).await;
+    let findings = kurier_daemon::check::run(&cfg).await;
     assert!(findings.iter().all(|f| f.ok), "{findings:?}");
     let id = kurier::enqueue(
         &db.pool,

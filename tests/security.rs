@@ -3,12 +3,10 @@
 //! CA), and a build of librdkafka that speaks SASL_SSL / SCRAM (the test broker
 //! has no TLS listener here, so the Kafka side is checked up to the handshake).
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use kurier::Message;
+use kurier_test_support::*;
 
 /// DATABASE_URL's database at `host` over `sslmode=verify-full`, trusting the server's own certificate.
 async fn tls_url(db: &TestDb, host: &str) -> String {
@@ -87,7 +85,7 @@ async fn kafka_sasl_ssl_settings_are_understood_and_failures_name_the_fix() {
     let db = fresh_db().await;
     let props = "security.protocol=SASL_SSL,sasl.mechanisms=SCRAM-SHA-512,\
                  sasl.username=kurier,sasl.password=pw-never-printed,ssl.ca.location=/etc/ssl/certs/ca-certificates.crt";
-    let cfg = kurier::config::Config::from_toml(
+    let cfg = kurier_daemon::config::Config::from_toml(
         "",
         &[
             ("DATABASE_URL".to_string(), db.url.clone()),
@@ -100,7 +98,7 @@ async fn kafka_sasl_ssl_settings_are_understood_and_failures_name_the_fix() {
     )
     .unwrap();
     // librdkafka refuses SASL_SSL at creation when built without OpenSSL/SCRAM.
-    kurier::publisher::Publisher::new(&cfg.kafka, None)
+    kurier_daemon::kafka::Publisher::new(&cfg.kafka, None)
         .unwrap_or_else(|e| panic!("the build lacks SASL_SSL support: {e}"));
     // Against the plaintext test broker the handshake fails: check says where to look.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kurier"))

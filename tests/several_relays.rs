@@ -1,12 +1,10 @@
 //! Three relays on one outbox while one is SIGKILLed and one is SIGSTOPped
 //! longer than its lease, repeatedly, during concurrent writes.
 
-mod common;
-
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::*;
+use kurier_test_support::*;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -19,7 +17,9 @@ async fn three_relays_with_kills_and_stalls_lose_nothing_and_keep_key_order() {
         ("KURIER_RELAY_LEASE_TTL_MS", "1500"),
         ("KURIER_RELAY_BATCH_SIZE", "100"),
     ];
-    let mut relays: Vec<Child> = (0..3).map(|_| spawn_binary(&["run"], &env)).collect();
+    let mut relays: Vec<Child> = (0..3)
+        .map(|_| spawn_binary(kurier_bin!(), &["run"], &env))
+        .collect();
     let stop = CancellationToken::new();
     let writers = {
         let (pool, topic, stop) = (db.pool.clone(), topic.clone(), stop.clone());
@@ -44,7 +44,7 @@ async fn three_relays_with_kills_and_stalls_lose_nothing_and_keep_key_order() {
         // Relay 0: killed and restarted.
         relays[0].kill().unwrap();
         relays[0].wait().unwrap();
-        relays[0] = spawn_binary(&["run"], &env);
+        relays[0] = spawn_binary(kurier_bin!(), &["run"], &env);
         kills += 1;
         // Relay 1: stalled longer than its lease, then resumed.
         signal(&relays[1], "STOP");

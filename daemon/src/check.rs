@@ -1,0 +1,146 @@
+//! `kurier check`: configuration and connectivity, each problem named with its fix.
+
+use kurier::schema::debezium;
+use kurier::SchemaName;
+use sqlx::{Connection, PgConnection};
+
+use crate::config::Config;
+
+/// One finding of `kurier check`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Finding {
+    pub ok: bool,
+    pub what: String,
+    /// Empty when ok.
+    pub fix: String,
+}
+
+impl Finding {
+    fn ok(what: impl Into<String>) -> Self {
+        Finding {
+            ok: true,
+            what: what.into(),
+            fix: String::new(),
+        }
+    }
+    fn fail(what: impl Into<String>, fix: impl Into<String>) -> Self {
+        Finding {
+            ok: false,
+            what: what.into(),
+            fix: fix.into(),
+        }
+    }
+}
+
+/// Runs every check; never stops at the first failure.
+pub async fn run(config: &Config) -> Vec<Finding> {
+    let mut out = vec![Finding::ok("configuration is valid")];
+    out.extend(database(config).await);
+    out.extend(kafka(config).await);
+    out
+}
+
+async fn database(config: &Config) -> Vec<Finding> {
+    let db = &config.database;
+    let shown = db.shown();
+    let mut conn = match PgConnection::connect_with(db.connect_options()).await {
+        Ok(c) => c,
+        Err(e) => {
+            return vec![Finding::fail(
+                format!("cannot connect to PostgreSQL at {shown}: {}", db.scrub(&e.to_string())),
+                "check DATABASE_URL (database.url): host, port, user, password, database name, and that the server accepts connections",
+            )]
+        }
+    };
+    let mut out = vec![Finding::ok(format!("PostgreSQL reachable at {shown}"))];
+    for schema in &config.schemas() {
+        out.extend(schema_rights(&mut conn, config, schema).await);
+    }
+    for t in &config.debezium {
+        out.push(match debezium::is_installed(&mut conn, t).await {
+            Ok(true) => Finding::ok(format!(
+                "Debezium-shape table {} is captured into {}.outbox",
+                t.qualified(),
+                t.into
+            )),
+            Ok(false) => Finding::fail(
+                format!(
+                    "Debezium-shape table {} has no capture trigger (or does not exist)",
+                    t.qualified()
+                ),
+                "run `kurier migrate` with this configuration; it installs the trigger",
+            ),
+            Err(e) => Finding::fail(
+                format!("cannot check the trigger on {}: {e}", t.qualified()),
+                "check the role's rights",
+            ),
+        });
+    }
+    out
+}
+
+/// Whether `schema` is migrated and the role may use the tables the daemon touches there.
+async fn schema_rights(
+    conn: &mut PgConnection,
+    config: &Config,
+    schema: &SchemaName,
+) -> Vec<Finding> {
+    if let Err(e) = kurier::schema::ensure_migrated(conn, schema).await {
+        return vec![Finding::fail(
+            e.to_string(),
+            "run `kurier migrate` with the same DATABASE_URL and configuration",
+        )];
+    }
+    let mut out = vec![Finding::ok(format!("schema {schema} is migrated"))];
+    let mut tables = Vec::new();
+    if config.relay.enabled && config.relay.schemas.contains(schema) {
+        tables.extend(["outbox", "dead_letters", "relay_leases", "relay_instances"]);
+    }
+    if config.inbox.as_ref().is_some_and(|i| &i.schema == schema) {
+        tables.extend(["inbox", "inbox_stats"]);
+    }
+    match kurier::schema::missing_rights(conn, schema, &tables).await {
+        Ok(missing) => out.extend(missing.into_iter().map(|t| {
+            Finding::fail(
+                format!("this role lacks SELECT, INSERT, UPDATE or DELETE on {t}"),
+                "run deploy/least-privilege.sql or GRANT those rights to the role in DATABASE_URL",
+            )
+        })),
+        Err(e) => out.push(Finding::fail(
+            format!("cannot check rights on the {schema} tables: {e}"),
+            "run `kurier migrate`",
+        )),
+    }
+    if out.iter().all(|f| f.ok) {
+        out.push(Finding::ok(format!(
+            "the role may read and write the {schema} tables it needs"
+        )));
+    }
+    out
+}
+
+async fn kafka(config: &Config) -> Vec<Finding> {
+    let brokers = config.kafka.brokers.clone();
+    let kafka = config.kafka.clone();
+    let topics: Vec<String> = config
+        .inbox
+        .as_ref()
+        .map(|i| i.topics.clone())
+        .unwrap_or_default();
+    let result = tokio::task::spawn_blocking(move || crate::kafka::cluster::metadata(&kafka))
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+    match result {
+        Err(e) => vec![Finding::fail(
+            format!("cannot reach Kafka at {brokers}: {e}"),
+            "check KAFKA_BROKERS (kafka.brokers), the network, and the security.protocol / sasl.* / ssl.* properties",
+        )],
+        Ok(md) => {
+            let mut out = vec![Finding::ok(format!("Kafka reachable at {brokers} ({} broker(s) in metadata)", md.brokers))];
+            for t in topics.iter().filter(|t| !md.topics.contains(t)) {
+                out.push(Finding::fail(format!("inbox topic `{t}` does not exist"), "create it, or fix inbox.topics (KURIER_INBOX_TOPICS)"));
+            }
+            out
+        }
+    }
+}

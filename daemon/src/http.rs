@@ -1,0 +1,134 @@
+//! HTTP endpoints: `/healthz` (alive), `/readyz` (making progress), `/metrics`.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use kurier::outbox::store::status;
+use kurier::SchemaName;
+use sqlx::PgPool;
+
+use crate::health::Health;
+
+/// The process-wide Prometheus recorder, installed on first use (a process has
+/// one global `metrics` recorder; tests may start several daemons).
+pub fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        PrometheusBuilder::new()
+            .set_buckets(&[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ])
+            .expect("static buckets are valid")
+            .set_buckets_for_metric(
+                Matcher::Full("kurier_relay_batch_size".into()),
+                &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0],
+            )
+            .expect("static buckets are valid")
+            .install_recorder()
+            .expect("no other metrics recorder is installed")
+    })
+}
+
+/// The paths served (the deploy/ examples' probes are checked against these).
+pub const PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
+/// What `/metrics` reads from the database on each scrape.
+#[derive(Clone)]
+pub struct Backlog {
+    pub pool: PgPool,
+    pub schemas: Vec<SchemaName>,
+    /// The inbox's schema, when the inbox writer runs.
+    pub inbox: Option<SchemaName>,
+}
+
+#[derive(Clone)]
+struct AppState {
+    health: Health,
+    backlog: Option<Backlog>,
+}
+
+pub fn router(health: Health, backlog: Option<Backlog>) -> Router {
+    Router::new()
+        .route(PATHS[0], get(|| async { "ok\n" }))
+        .route(PATHS[1], get(readyz))
+        .route(PATHS[2], get(metrics))
+        .with_state(AppState { health, backlog })
+}
+
+/// Backlog gauges are read at scrape time, so an idle daemon that nobody
+/// scrapes runs no extra queries. `kurier_backlog_up` says whether they are fresh.
+async fn metrics(State(state): State<AppState>) -> String {
+    if let Some(b) = &state.backlog {
+        let fresh = tokio::time::timeout(Duration::from_secs(3), refresh_backlog(b)).await;
+        let up = match fresh {
+            Ok(Ok(())) => 1.0,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "backlog gauges not refreshed");
+                0.0
+            }
+            Err(_) => {
+                tracing::warn!("backlog gauges not refreshed: database query timed out");
+                0.0
+            }
+        };
+        metrics::gauge!("kurier_backlog_up").set(up);
+    }
+    prometheus().render()
+}
+
+async fn refresh_backlog(b: &Backlog) -> Result<(), kurier::Error> {
+    for schema in &b.schemas {
+        let st = status::outbox_counts(&b.pool, schema).await?;
+        let label = schema.to_string();
+        metrics::gauge!("kurier_outbox_pending_rows", "schema" => label.clone())
+            .set(st.pending as f64);
+        metrics::gauge!("kurier_outbox_oldest_pending_age_seconds", "schema" => label.clone())
+            .set(st.oldest_pending_secs.unwrap_or(0.0));
+        metrics::gauge!("kurier_outbox_retrying_rows", "schema" => label.clone())
+            .set(st.retrying as f64);
+        metrics::gauge!("kurier_outbox_dead_letter_rows", "schema" => label)
+            .set(st.dead_letters as f64);
+    }
+    if let Some(schema) = &b.inbox {
+        for c in kurier::inbox::store::status(&b.pool, schema).await? {
+            let consumer = c.consumer.clone();
+            metrics::gauge!("kurier_inbox_pending_rows", "consumer" => consumer.clone())
+                .set(c.pending as f64);
+            metrics::gauge!("kurier_inbox_parked_rows", "consumer" => consumer.clone())
+                .set(c.parked as f64);
+            metrics::gauge!("kurier_inbox_oldest_pending_age_seconds", "consumer" => consumer)
+                .set(c.oldest_pending_secs.unwrap_or(0.0));
+        }
+    }
+    Ok(())
+}
+
+async fn readyz(State(AppState { health, .. }): State<AppState>) -> (StatusCode, String) {
+    match health.readiness() {
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
+/// Serves until `cancel` fires.
+pub async fn serve(
+    listener: TcpListener,
+    health: Health,
+    backlog: Option<Backlog>,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(health, backlog))
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+}

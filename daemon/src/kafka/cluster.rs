@@ -1,0 +1,37 @@
+//! Metadata requests: is the cluster there, and which topics does it know.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::client::Client;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::ClientContext;
+
+use super::{client_config, KafkaConfig, Role};
+
+/// Whether the cluster answers a metadata request within 2 s (blocking).
+pub fn answers<C: ClientContext>(client: &Client<C>) -> bool {
+    client.fetch_metadata(None, Duration::from_secs(2)).is_ok()
+}
+
+/// What `kurier check` learns from one metadata request.
+#[derive(Debug, Clone)]
+pub struct Metadata {
+    pub brokers: usize,
+    pub topics: Vec<String>,
+}
+
+/// Asks the cluster for its brokers and topics (blocking, at most 10 s).
+pub fn metadata(cfg: &KafkaConfig) -> Result<Metadata, String> {
+    let probe: BaseConsumer = client_config(cfg, Role::Probe, &BTreeMap::new(), None)
+        .create()
+        .map_err(|e| e.to_string())?;
+    let md = probe
+        .client()
+        .fetch_metadata(None, Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    Ok(Metadata {
+        brokers: md.brokers().len(),
+        topics: md.topics().iter().map(|t| t.name().to_owned()).collect(),
+    })
+}

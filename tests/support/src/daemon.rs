@@ -1,0 +1,68 @@
+//! The daemon under test: its configuration, in-process or as the `kurier`
+//! binary (use [`crate::kurier_bin!`] for the binary's path).
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+
+use kurier_daemon::config::{Config, Overrides};
+use tokio_util::sync::CancellationToken;
+
+pub fn config(db_url: &str, brokers: &str, extra_toml: &str) -> Config {
+    let env: BTreeMap<String, String> = [
+        ("DATABASE_URL".to_string(), db_url.to_string()),
+        ("KAFKA_BROKERS".to_string(), brokers.to_string()),
+    ]
+    .into();
+    Config::from_toml(extra_toml, &env, &Overrides::default()).expect("test config")
+}
+
+/// The daemon, in-process.
+pub struct InProcess {
+    pub cancel: CancellationToken,
+    pub handle: tokio::task::JoinHandle<Result<(), kurier_daemon::Error>>,
+}
+
+pub async fn start_in_process(config: Config) -> InProcess {
+    let daemon = kurier_daemon::Daemon::bind(config).await.expect("bind");
+    let cancel = CancellationToken::new();
+    let handle = tokio::spawn(daemon.run(cancel.clone()));
+    InProcess { cancel, handle }
+}
+
+impl InProcess {
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.handle
+            .await
+            .expect("daemon task")
+            .expect("daemon result");
+    }
+}
+
+/// The `kurier` binary (`bin`: [`crate::kurier_bin!`]) as a child process
+/// (for SIGKILL / SIGTERM tests).
+pub fn spawn_binary(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .env_remove("KURIER_CONFIG")
+        .env(
+            "RUST_LOG",
+            std::env::var("KURIER_TEST_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn kurier")
+}
+
+pub fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -{sig} failed");
+}

@@ -2,8 +2,10 @@
 //! PostgreSQL and the same broker, so that ratios hold on a noisy machine.
 //! Needs DATABASE_URL, KAFKA_BROKERS (scripts/bench.sh provides both).
 //! BENCH_N (default 200000) sets the number of drained messages; BENCH_ONLY
-//! (e.g. `drain,latency`) runs some parts: drain, idle, scale, latency (with the
-//! raw producer baseline), notify, inbox.
+//! (e.g. `drain,latency`) runs some parts: drain (with the raw producer and a
+//! burst into a never-analyzed outbox beside it), burst1m, sustained
+//! (BENCH_SUSTAINED_N rows, default 2,000,000), idle, scale, latency (with
+//! the raw producer baseline), notify, inbox.
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::{Child, Command, Stdio};
@@ -57,6 +59,11 @@ async fn main() {
                     raw_producer(brokers, n, Some(relay_batch_size())).await,
                 );
                 drop_db(&db).await;
+                burst_drain(brokers, kurier, n, "burst", &mut r).await;
+                r.insert(
+                    "burst_vs_analyzed_drain",
+                    r["burst_drain_msgs_per_s"] / r["relay_drain_msgs_per_s"],
+                );
                 r.insert(
                     "relay_vs_raw",
                     r["relay_drain_msgs_per_s"] / r["raw_producer_msgs_per_s"],
@@ -90,6 +97,13 @@ async fn main() {
             })
             .await,
         );
+    }
+    if run("burst1m") {
+        // One round: a million rows is the size of an outage's backlog.
+        burst_drain(brokers, kurier, 1_000_000, "burst_1m", &mut f).await;
+    }
+    if run("sustained") {
+        sustained(brokers, kurier, &mut f).await;
     }
     if run("idle") {
         idle_cost(brokers, kurier, &mut f).await;
@@ -339,6 +353,121 @@ async fn drain(db: &str, brokers: &str, kurier: &str, n: usize, f: &mut Figures)
     f.insert("drain_postgres_cpu_s_per_100k", postgres);
     f.insert("relay_peak_rss_mib", rss_kib as f64 / 1024.0);
     drop(d);
+}
+
+/// A burst as a new user meets it: `n` rows inserted in ONE transaction
+/// into a freshly migrated outbox whose statistics were never gathered (no
+/// ANALYZE, and autovacuum may be off or not have run yet), then `kurier
+/// run` with default settings, timed until the outbox is empty. Figures are
+/// named `<name>_drain_msgs_per_s` and `<name>_insert_s`.
+async fn burst_drain(brokers: &str, kurier: &str, n: usize, name: &str, f: &mut Figures) {
+    let db = fresh_db(name).await;
+    let topic = new_topic(brokers, "bench-burst", 6).await;
+    let pool = PgPool::connect(&db).await.unwrap();
+    let t = Instant::now();
+    burst_insert(&pool, &topic, n).await;
+    let insert = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let d = spawn(kurier, &[("DATABASE_URL", &db), ("KAFKA_BROKERS", brokers)]);
+    wait_drained(&pool).await;
+    let secs = t.elapsed().as_secs_f64();
+    drop(d);
+    pool.close().await;
+    drop_db(&db).await;
+    f.insert(leak(format!("{name}_drain_msgs_per_s")), n as f64 / secs);
+    f.insert(leak(format!("{name}_insert_s")), insert);
+}
+
+/// The bench's rows (the keys and payloads of [`payload`]), written by one
+/// statement in one transaction.
+async fn burst_insert(pool: &PgPool, topic: &str, n: usize) {
+    sqlx::query(
+        "INSERT INTO kurier.outbox (topic, key, payload) \
+         SELECT $1, 'key-' || (i % 1000), jsonb_build_object('type', 'OrderPlaced', 'order', i, \
+                'customer', 'customer-' || (i % 1000), 'total_cents', i % 10000, 'note', repeat('x', 100)) \
+         FROM generate_series(0, $2 - 1) AS i",
+    )
+    .bind(topic)
+    .bind(n as i64)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Figure names built at run time live as long as the bench.
+fn leak(name: String) -> &'static str {
+    Box::leak(name.into_boxed_str())
+}
+
+/// Millions of rows through the outbox while the relay drains them, with
+/// autovacuum as the server has it (off on this project's machines): the
+/// table's size and dead rows, sampled every second, with the relay's own
+/// VACUUM on (the default) and off (`KURIER_RELAY_VACUUM_DEAD_ROWS=0`).
+async fn sustained(brokers: &str, kurier: &str, f: &mut Figures) {
+    let n: usize = std::env::var("BENCH_SUSTAINED_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000_000);
+    for (name, threshold) in [("sustained", None), ("sustained_no_vacuum", Some("0"))] {
+        let db = fresh_db(name).await;
+        let topic = new_topic(brokers, "bench-sustained", 6).await;
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&db)
+            .await
+            .unwrap();
+        let mut env = vec![("DATABASE_URL", db.as_str()), ("KAFKA_BROKERS", brokers)];
+        if let Some(t) = threshold {
+            env.push(("KURIER_RELAY_VACUUM_DEAD_ROWS", t));
+        }
+        let d = spawn(kurier, &env);
+        let t = Instant::now();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let sampler = tokio::spawn(largest_table(pool.clone(), stop.clone()));
+        for chunk in (0..n).step_by(10_000) {
+            burst_insert(&pool, &topic, 10_000.min(n - chunk)).await;
+        }
+        wait_drained(&pool).await;
+        let secs = t.elapsed().as_secs_f64();
+        stop.cancel();
+        let (max_mib, max_dead) = sampler.await.unwrap();
+        let (final_mib, vacuums): (f64, i64) = sqlx::query_as(
+            "SELECT pg_total_relation_size('kurier.outbox')::float8 / 1048576, \
+                    coalesce((SELECT vacuum_count FROM pg_stat_user_tables WHERE relid = 'kurier.outbox'::regclass), 0)",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        drop(d);
+        pool.close().await;
+        drop_db(&db).await;
+        f.insert(leak(format!("{name}_msgs_per_s")), n as f64 / secs);
+        f.insert(leak(format!("{name}_max_table_mib")), max_mib);
+        f.insert(leak(format!("{name}_final_table_mib")), final_mib);
+        f.insert(leak(format!("{name}_max_dead_rows")), max_dead);
+        f.insert(leak(format!("{name}_vacuums")), vacuums as f64);
+    }
+}
+
+/// The outbox's largest size (MiB, heap and indexes) and most dead rows,
+/// sampled every second until `stop`.
+async fn largest_table(pool: PgPool, stop: tokio_util::sync::CancellationToken) -> (f64, f64) {
+    let (mut mib, mut dead) = (0.0f64, 0.0f64);
+    while !stop.is_cancelled() {
+        let (m, d): (f64, f64) = sqlx::query_as(
+            "SELECT pg_total_relation_size('kurier.outbox')::float8 / 1048576, \
+                    coalesce((SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'kurier.outbox'::regclass), 0)::float8",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        (mib, dead) = (mib.max(m), dead.max(d));
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+    (mib, dead)
 }
 
 /// Transactions per second a relay runs with nothing to do, on a fresh

@@ -468,19 +468,19 @@ async fn claim_ids_except(
     bytes: u64,
     in_flight: &[i64],
 ) -> Vec<i64> {
-    kurier::outbox::store::claim::claim(
-        conn,
-        &kurier::schema::SchemaName::kurier(),
-        me,
+    let what = kurier::outbox::store::claim::Claim {
+        owner: me,
         limit,
-        bytes,
-        in_flight,
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| r.id)
-    .collect()
+        max_bytes: bytes,
+        skip: in_flight,
+        start: 0,
+    };
+    kurier::outbox::store::claim::claim(conn, &kurier::schema::SchemaName::kurier(), &what)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -504,7 +504,27 @@ async fn the_least_privilege_role_is_enough_for_the_relay() {
         "[relay]\nlease_ttl_ms = 2000\n",
     );
     let findings = kurier_daemon::check::run(&cfg).await;
-    assert!(findings.iter().all(|f| f.ok), "{findings:?}");
+    use kurier_daemon::check::Level;
+    assert!(
+        findings.iter().all(|f| f.level != Level::Fail),
+        "{findings:?}"
+    );
+    // Where autovacuum is off (as on this project's machines), check says that
+    // this role (not the table's owner) cannot vacuum it either.
+    let autovacuum: bool = sqlx::query_scalar("SELECT current_setting('autovacuum')::bool")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let upkeep = findings
+        .iter()
+        .find(|f| f.what.contains("autovacuum"))
+        .unwrap_or_else(|| panic!("no upkeep finding: {findings:?}"));
+    if autovacuum {
+        assert_eq!(upkeep.level, Level::Ok, "{upkeep:?}");
+    } else {
+        assert_eq!(upkeep.level, Level::Warn, "{upkeep:?}");
+        assert!(upkeep.what.contains("may not VACUUM"), "{upkeep:?}");
+    }
     let id = kurier::enqueue(
         &db.pool,
         &Message::json(&topic, serde_json::json!({"ok": true})).key("k"),

@@ -1,15 +1,26 @@
 //! `kurier check`: configuration and connectivity, each problem named with its fix.
 
+use kurier::outbox::store::maintenance;
 use kurier::schema::debezium;
 use kurier::SchemaName;
 use sqlx::{Connection, PgConnection};
 
 use crate::config::Config;
 
+/// How bad a finding is: a failure makes `kurier check` exit non-zero, a
+/// warning is printed and does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
 /// One finding of `kurier check`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Finding {
-    pub ok: bool,
+    pub level: Level,
     pub what: String,
     /// Empty when ok.
     pub fix: String,
@@ -17,15 +28,17 @@ pub struct Finding {
 
 impl Finding {
     fn ok(what: impl Into<String>) -> Self {
-        Finding {
-            ok: true,
-            what: what.into(),
-            fix: String::new(),
-        }
+        Self::new(Level::Ok, what, "")
+    }
+    fn warn(what: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self::new(Level::Warn, what, fix)
     }
     fn fail(what: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self::new(Level::Fail, what, fix)
+    }
+    fn new(level: Level, what: impl Into<String>, fix: impl Into<String>) -> Self {
         Finding {
-            ok: false,
+            level,
             what: what.into(),
             fix: fix.into(),
         }
@@ -111,12 +124,51 @@ async fn schema_rights(
             "run `kurier migrate`",
         )),
     }
-    if out.iter().all(|f| f.ok) {
+    if out.iter().all(|f| f.level == Level::Ok) {
         out.push(Finding::ok(format!(
             "the role may read and write the {schema} tables it needs"
         )));
     }
+    if config.relay.enabled && config.relay.schemas.contains(schema) {
+        out.push(upkeep(conn, config, schema).await);
+    }
     out
+}
+
+/// Whether anything keeps the outbox from growing without bound: autovacuum,
+/// or the relay's own VACUUM (`relay.vacuum_dead_rows`, needs the owner's role).
+async fn upkeep(conn: &mut PgConnection, config: &Config, schema: &SchemaName) -> Finding {
+    let health = match maintenance::health(&mut *conn, schema).await {
+        Ok(h) => h,
+        Err(e) => {
+            return Finding::fail(
+                format!("cannot read {schema}.outbox's statistics: {e}"),
+                "run `kurier migrate`",
+            )
+        }
+    };
+    let dead = health.dead_rows;
+    if health.autovacuum_reaches {
+        return Finding::ok(format!(
+            "autovacuum reaches {schema}.outbox ({dead} dead rows)"
+        ));
+    }
+    let why = format!("autovacuum cannot reach {schema}.outbox (autovacuum or track_counts is off, or the table's autovacuum_enabled is false; {dead} dead rows)");
+    let relay_vacuums = config.relay.vacuum_dead_rows > 0;
+    match (relay_vacuums, health.may_vacuum) {
+        (true, true) => Finding::warn(
+            format!("{why}: the relay vacuums it itself past {} dead rows", config.relay.vacuum_dead_rows),
+            "turn autovacuum on (autovacuum = on in postgresql.conf) where you can; until then the relay keeps the table in shape",
+        ),
+        (true, false) => Finding::warn(
+            format!("{why}, and this role may not VACUUM it: the outbox will grow without bound"),
+            "make the relay's role the owner of the outbox (ALTER TABLE ... OWNER TO), or turn autovacuum on",
+        ),
+        (false, _) => Finding::warn(
+            format!("{why}, and relay.vacuum_dead_rows = 0: the outbox will grow without bound"),
+            "turn autovacuum on, or set relay.vacuum_dead_rows (default 100000)",
+        ),
+    }
 }
 
 async fn kafka(config: &Config) -> Vec<Finding> {

@@ -17,6 +17,7 @@ use crate::config::{Config, InboxConfig};
 use crate::error::Error;
 use crate::health::Health;
 use crate::inbox_writer::InboxWriter;
+use crate::maintenance::Maintenance;
 use crate::relay::Relay;
 
 /// A configured daemon whose HTTP listener (if any) is already bound.
@@ -121,6 +122,7 @@ impl Daemon {
 
     /// One relay loop per schema: each has its own leases, connections and
     /// producer, so one tenant's backlog or poison rows never stall another's.
+    /// Beside each, the outbox's upkeep (`maintenance`).
     fn relays(&self, tracker: &TaskTracker, cancel: &CancellationToken) -> Vec<Loop> {
         let c = &self.config;
         c.relay
@@ -135,6 +137,14 @@ impl Daemon {
                     self.health.probe(&format!("relay:{schema}")),
                 );
                 let span = tracing::info_span!("relay", schema = %schema);
+                if c.relay.vacuum_dead_rows > 0 {
+                    let upkeep = Maintenance::new(
+                        schema.clone(),
+                        c.database.clone(),
+                        c.relay.vacuum_dead_rows,
+                    );
+                    tracker.spawn(upkeep.run(cancel.clone()).instrument(span.clone()));
+                }
                 let work = relay.run(cancel.clone()).instrument(span);
                 tracker.spawn(stop_all_on_error(work, cancel.clone()))
             })

@@ -113,8 +113,12 @@ impl BrokerProbe {
             }
         }
         let ok = tokio::task::spawn_blocking(check).await.unwrap_or(false);
-        if !ok {
+        // Said once per outage, not on every probe.
+        let was_ok = self.last.is_none_or(|(_, was)| was);
+        if was_ok && !ok {
             tracing::warn!("broker unreachable (metadata request failed) while idle");
+        } else if !was_ok && ok {
+            tracing::info!("broker reachable again");
         }
         self.last = Some((Instant::now(), ok));
         ok

@@ -11,7 +11,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use kurier::outbox::store::status;
+use kurier::outbox::store::{maintenance, status};
 use kurier::SchemaName;
 use sqlx::PgPool;
 
@@ -94,8 +94,15 @@ async fn refresh_backlog(b: &Backlog) -> Result<(), kurier::Error> {
             .set(st.oldest_pending_secs.unwrap_or(0.0));
         metrics::gauge!("kurier_outbox_retrying_rows", "schema" => label.clone())
             .set(st.retrying as f64);
-        metrics::gauge!("kurier_outbox_dead_letter_rows", "schema" => label)
+        metrics::gauge!("kurier_outbox_dead_letter_rows", "schema" => label.clone())
             .set(st.dead_letters as f64);
+        let table = maintenance::health(&b.pool, schema).await?;
+        metrics::gauge!("kurier_outbox_dead_rows", "schema" => label.clone())
+            .set(table.dead_rows as f64);
+        metrics::gauge!("kurier_outbox_table_bytes", "schema" => label.clone())
+            .set(table.total_bytes as f64);
+        metrics::gauge!("kurier_outbox_autovacuum_reaches", "schema" => label)
+            .set(if table.autovacuum_reaches { 1.0 } else { 0.0 });
     }
     if let Some(schema) = &b.inbox {
         for c in kurier::inbox::store::status(&b.pool, schema).await? {

@@ -7,6 +7,7 @@
 //!   server under one cancellation token; tests start it in-process.
 //! - [`relay`]: one loop per schema (claim → publish → delivery report →
 //!   delete), its [`lease`]s, batches and sessions.
+//! - [`maintenance`]: VACUUM of the outbox where autovacuum cannot keep up.
 //! - [`inbox_writer`]: Kafka → `kurier.inbox`, offsets after the commit.
 //! - [`kafka`]: the only module that imports rdkafka: client settings per
 //!   role, enforced properties, producer, consumer, record mapping.
@@ -28,6 +29,7 @@ pub mod http;
 pub mod inbox_writer;
 pub mod kafka;
 pub mod lease;
+pub mod maintenance;
 pub mod redact;
 pub mod relay;
 pub mod telemetry;

@@ -12,6 +12,7 @@ use kurier::SchemaName;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::check::Level;
 use crate::config::{Config, ConfigError};
 
 /// Transactional outbox relay: PostgreSQL → Kafka.
@@ -125,13 +126,13 @@ async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> 
 async fn check(config: &Config) -> anyhow::Result<()> {
     let findings = crate::check::run(config).await;
     for f in &findings {
-        if f.ok {
-            println!("ok    {}", f.what);
-        } else {
-            println!("FAIL  {}\n      fix: {}", f.what, f.fix);
+        match f.level {
+            Level::Ok => println!("ok    {}", f.what),
+            Level::Warn => println!("WARN  {}\n      fix: {}", f.what, f.fix),
+            Level::Fail => println!("FAIL  {}\n      fix: {}", f.what, f.fix),
         }
     }
-    let failed = findings.iter().filter(|f| !f.ok).count();
+    let failed = findings.iter().filter(|f| f.level == Level::Fail).count();
     anyhow::ensure!(failed == 0, "{failed} check(s) failed");
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 use clap::Subcommand;
 use kurier::outbox::store::dead_letter::{self, Selection};
+use kurier::outbox::store::maintenance::TableHealth;
 use kurier::outbox::store::status::{self, Status};
 use kurier::SchemaName;
 use sqlx::PgPool;
@@ -118,6 +119,9 @@ pub fn render(s: &Status) -> String {
             out.push_str(&format!("{:<40} {:>10}\n", t.topic, t.pending));
         }
     }
+    if let Some(t) = &s.table {
+        out.push_str(&render_table(t));
+    }
     out.push_str(&format!("relays: {} live\n", s.leases.len()));
     for l in &s.leases {
         out.push_str(&format!(
@@ -126,4 +130,23 @@ pub fn render(s: &Status) -> String {
         ));
     }
     out
+}
+
+/// The outbox table's upkeep: dead rows pile up where nothing vacuums.
+fn render_table(t: &TableHealth) -> String {
+    let ago =
+        |secs: Option<f64>| secs.map_or_else(|| "never".to_owned(), |s| format!("{s:.0}s ago"));
+    format!(
+        "table: {} live, {} dead rows, {:.1} MiB; last vacuum {}, last analyze {}; autovacuum {}\n",
+        t.live_rows,
+        t.dead_rows,
+        t.total_bytes as f64 / (1 << 20) as f64,
+        ago(t.since_vacuum_secs),
+        ago(t.since_analyze_secs),
+        if t.autovacuum_reaches {
+            "reaches it"
+        } else {
+            "cannot reach it (kurier check)"
+        }
+    )
 }

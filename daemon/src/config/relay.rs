@@ -23,6 +23,7 @@ pub(super) struct RawRelay {
     schemas: Option<Vec<String>>,
     cloudevents: Option<bool>,
     cloudevents_source: Option<String>,
+    vacuum_dead_rows: Option<u64>,
 }
 
 /// Outbox relay settings.
@@ -46,6 +47,8 @@ pub struct RelayConfig {
     pub cloudevents: Option<CloudEvents>,
     /// How long a batch in flight may wait for its reports after shutdown was asked for.
     pub shutdown_grace: Duration,
+    /// The relay vacuums its outbox once this many dead rows piled up (0: never).
+    pub vacuum_dead_rows: u64,
 }
 
 pub(super) fn resolve(
@@ -70,6 +73,7 @@ pub(super) fn resolve(
         schemas: resolve_schemas(k.list("relay.schemas", raw.schemas))?,
         cloudevents: resolve_cloudevents(k, raw.cloudevents, raw.cloudevents_source)?,
         shutdown_grace,
+        vacuum_dead_rows: k.num("relay.vacuum_dead_rows", raw.vacuum_dead_rows, 100_000)?,
     };
     check(&relay)?;
     Ok(relay)

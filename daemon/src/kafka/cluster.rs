@@ -7,6 +7,7 @@ use rdkafka::client::Client;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientContext;
 
+use super::context::Context;
 use super::{client_config, KafkaConfig, Role};
 
 /// Whether the cluster answers a metadata request within 2 s (blocking).
@@ -23,8 +24,8 @@ pub struct Metadata {
 
 /// Asks the cluster for its brokers and topics (blocking, at most 10 s).
 pub fn metadata(cfg: &KafkaConfig) -> Result<Metadata, String> {
-    let probe: BaseConsumer = client_config(cfg, Role::Probe, &BTreeMap::new(), None)
-        .create()
+    let probe: BaseConsumer<Context> = client_config(cfg, Role::Probe, &BTreeMap::new(), None)
+        .create_with_context(Context::default())
         .map_err(|e| e.to_string())?;
     let md = probe
         .client()

@@ -13,11 +13,12 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::context::Context;
 use super::{client_config, ClientError, KafkaConfig, Role};
 
 /// A consumer-group member that hands out owned copies of its records.
 pub struct InboxConsumer {
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<StreamConsumer<Context>>,
     /// Headers tried in order for the message ID.
     id_headers: Vec<String>,
 }
@@ -31,8 +32,9 @@ impl InboxConsumer {
         topics: &[String],
         id_headers: Vec<String>,
     ) -> Result<Self, ClientError> {
-        let consumer: StreamConsumer =
-            client_config(cfg, Role::InboxConsumer, properties, Some(group)).create()?;
+        let consumer: StreamConsumer<Context> =
+            client_config(cfg, Role::InboxConsumer, properties, Some(group))
+                .create_with_context(Context::default())?;
         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         Ok(InboxConsumer {

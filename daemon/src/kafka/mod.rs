@@ -8,10 +8,12 @@
 //! - [`record`]: the outbox row → Kafka record mapping (headers, CloudEvents);
 //! - [`consumer`]: the inbox writer's consumer (offsets stored only after
 //!   the database commit);
-//! - [`cluster`]: metadata requests for readiness and `kurier check`.
+//! - [`cluster`]: metadata requests for readiness and `kurier check`;
+//! - [`context`]: librdkafka's log lines and errors, each logged once.
 
 pub mod cluster;
 pub mod consumer;
+pub mod context;
 pub mod delivery;
 pub mod producer;
 pub mod record;

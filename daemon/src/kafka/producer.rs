@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::Duration;
 
 use kurier::outbox::store::OutboxRow;
@@ -12,6 +12,7 @@ use kurier::outbox::validate_topic;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
+use super::context::Context;
 use super::delivery::{Delivery, Failure};
 use super::record::{record_headers, Extra, RecordHeaders};
 use super::{client_config, ClientError, CloudEvents, KafkaConfig, Role};
@@ -22,7 +23,7 @@ pub struct DeliveryReport(DeliveryFuture);
 impl Future for DeliveryReport {
     type Output = Delivery;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Delivery> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Delivery> {
         Pin::new(&mut self.0).poll(cx).map(|report| match report {
             Ok(Ok(_)) => Delivery::Delivered,
             Ok(Err((e, _))) => Delivery::Failed(classify(&e)),
@@ -44,7 +45,7 @@ pub struct Sent {
 /// enforced by [`client_config`]; everything else passes through from
 /// `kafka.properties`.
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: FutureProducer<Context>,
     cloudevents_source: Option<String>,
 }
 
@@ -55,7 +56,7 @@ impl Publisher {
     pub fn new(cfg: &KafkaConfig, cloudevents: Option<&CloudEvents>) -> Result<Self, ClientError> {
         let config = client_config(cfg, Role::Producer, &Default::default(), None);
         let publisher = Publisher {
-            producer: config.create()?,
+            producer: config.create_with_context(Context::default())?,
             cloudevents_source: cloudevents.map(|c| c.source.clone()),
         };
         publisher.warm_up();

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use sqlx::PgConnection;
+use sqlx::{FromRow, PgConnection, Row};
 use uuid::Uuid;
 
 use crate::error::Error;
@@ -25,6 +25,8 @@ pub struct OutboxRow {
     pub payload_bytes: Option<Vec<u8>>,
     pub headers: String,
     pub attempts: i32,
+    /// Which of the 32 lease partitions the row is in.
+    pub lease_partition: i16,
 }
 
 impl OutboxRow {
@@ -37,51 +39,76 @@ impl OutboxRow {
     }
 }
 
-/// Oldest rows first, of this relay's lease partitions only. A row waiting for a retry holds back the later rows of
-/// its topic and key (probing the small partial index `outbox_retrying`), so
-/// a retry never lets a key's later message overtake an earlier one.
+/// The next batch: the oldest rows of each lease partition that `$3` holds
+/// an unexpired lease on (by the database clock, in this statement: the
+/// fence), partition after partition from `$7` on, at most `$1` rows. A
+/// row waiting for a retry holds back the later rows of its topic and key,
+/// so a retry never lets a key's later message overtake an earlier one.
 ///
-/// Plan: the partitions whose lease names `$3` and is unexpired by the
-/// database clock (the fence) are read once into an array, so the outbox is
-/// walked in primary-key order and stops after `$1` rows. (Written as
-/// `IN (SELECT ...)`, the planner misjudged the lease count and sorted the
-/// whole table: 137 ms instead of 13 ms for 5,000 of 200,000 rows.)
+/// Its cost is bounded by the batch, whatever the planner's statistics say
+/// (a burst into a never-analyzed table, or one analyzed while empty, read
+/// the whole backlog for every batch before). The only sensible plan is one
+/// walk of `outbox_lease_partition` per (fenced partition, unskipped id
+/// range) from `(partition, lo)`, under the outer `LIMIT $1`, which stops the
+/// nested loop once the batch is full: about `$1` rows read, plus one index
+/// probe per empty pair. What keeps the planner there:
+/// - `lease_partition = ANY (ARRAY[p])` forms no equivalence class, so the
+///   primary key cannot supply `(lease_partition, id)` order (with `= p` the
+///   planner walked the primary key and filtered: 172k–8M rows per claim);
+/// - the lower bound is a row comparison, which the primary key cannot use
+///   (with `BETWEEN` it took a primary-key range scan plus a sort);
+/// - `LIMIT (SELECT $1)` makes it cost the walk at a fraction of its rows
+///   against plans that must read and sort the whole pair first;
+/// - the hold-back probe is one `NOT EXISTS (… OFFSET 0)` per row on all of
+///   `outbox_retrying`'s columns, split on a NULL key (an anti-join over a
+///   burst became quadratic).
+///
+/// Plan it per execution ([`claim`] sends it unnamed): a generic plan cached
+/// while the table was small read 1M rows after a 1M-row burst.
+///
+/// Per key the rows are still an id-ordered prefix (a key lives in one
+/// partition), and the batch is returned in id order; across partitions it is
+/// not the globally oldest rows, so the caller rotates `$7` to be fair.
 ///
 /// The walk covers only the id ranges `$4[i]..=$5[i]` (see [`unskipped_ranges`]):
-/// the rows being sent and being deleted are not visited at all, where the
-/// filter on `$6` fetches each of them from the heap and drops it (10,000
-/// such rows made a 5,000-row claim take 34 instead of 24 ms, EXPLAIN
-/// ANALYZE). The filter is the fallback for skipped ids too scattered to be
-/// cut out as ranges.
+/// the rows being sent and being deleted are not visited at all. The filter
+/// on `$6` is the fallback for skipped ids too scattered to be cut out as ranges.
 ///
 /// The outer query keeps rows while the running payload size stays under
 /// `$2` bytes (always at least one row), so a batch of large rows stays small.
-const CLAIM: &str = "SELECT id, message_id, topic, key, payload::text AS payload_text, payload_bytes, headers::text AS headers, attempts \
+const CLAIM: &str = "SELECT id, message_id, topic, key, payload::text AS payload_text, payload_bytes, headers::text AS headers, attempts, lease_partition \
      FROM (SELECT lim.*, sum(lim.size) OVER (ORDER BY lim.id ROWS UNBOUNDED PRECEDING) AS running \
            FROM (SELECT c.*, coalesce(pg_column_size(c.payload), 0) + coalesce(octet_length(c.payload_bytes), 0) AS size \
-                 FROM unnest($4::bigint[], $5::bigint[]) AS r(lo, hi) \
+                 FROM (SELECT l.partition FROM kurier.relay_leases l \
+                       WHERE l.owner = $3 AND l.expires_at > now() \
+                       ORDER BY ((l.partition - $7::int) % 32 + 32) % 32) p \
+                 CROSS JOIN unnest($4::bigint[], $5::bigint[]) AS r(lo, hi) \
                  CROSS JOIN LATERAL ( \
-                   SELECT o.id, o.message_id, o.topic, o.key, o.payload, o.payload_bytes, o.headers, o.attempts \
+                   SELECT o.id, o.message_id, o.topic, o.key, o.payload, o.payload_bytes, o.headers, o.attempts, o.lease_partition \
                    FROM kurier.outbox o \
-                   WHERE o.id BETWEEN r.lo AND r.hi \
-                     AND o.lease_partition = ANY(ARRAY(SELECT partition FROM kurier.relay_leases \
-                                                       WHERE owner = $3 AND expires_at > now())) \
-                     AND (o.retry_at IS NULL OR o.retry_at <= now()) \
+                   WHERE o.lease_partition = ANY (ARRAY[p.partition]) \
+                     AND (o.lease_partition, o.id) >= (p.partition, r.lo) \
+                     AND o.id <= r.hi \
+                     AND (o.retry_at > now()) IS NOT TRUE \
                      AND o.id NOT IN (SELECT unnest($6::bigint[])) \
-                     AND NOT EXISTS (SELECT 1 FROM kurier.outbox h \
-                                     WHERE h.retry_at > now() AND h.topic = o.topic \
-                                       AND h.key IS NOT DISTINCT FROM o.key AND h.id < o.id) \
-                   ORDER BY o.id LIMIT $1) c \
-                 ORDER BY c.id LIMIT $1) lim) b \
+                     AND CASE WHEN o.key IS NULL \
+                         THEN NOT EXISTS (SELECT 1 FROM kurier.outbox h \
+                                          WHERE h.retry_at > now() AND h.topic = o.topic \
+                                            AND h.key IS NULL AND h.id < o.id OFFSET 0) \
+                         ELSE NOT EXISTS (SELECT 1 FROM kurier.outbox h \
+                                          WHERE h.retry_at > now() AND h.topic = o.topic \
+                                            AND h.key = o.key AND h.id < o.id OFFSET 0) END \
+                   ORDER BY o.lease_partition, o.id \
+                   LIMIT (SELECT $1)) c \
+                 LIMIT $1) lim) b \
      WHERE running - size < $2 \
      ORDER BY id";
 
-/// Each range is one more index scan. In EXPLAIN ANALYZE of a 5,000-row
-/// claim skipping 10,000 ids, 2 to 130 ranges took 24–28 ms and 514 ranges
-/// 29 ms, against 32–40 ms for the filter; 5,000 ranges took 520 ms. Rolled-back
-/// inserts leave id gaps among the skipped rows, so a run often breaks in
-/// several; beyond this many ranges the claim filters instead.
-const MAX_RANGES: usize = 256;
+/// Each range is one more index walk per owned partition, and an empty
+/// (partition, range) pair still costs a probe (2,000 pairs took ~2 ms).
+/// Rolled-back inserts leave id gaps among the skipped rows, so a run often
+/// breaks in several; beyond this many ranges the claim filters instead.
+const MAX_RANGES: usize = 64;
 
 /// The id ranges a claim walks: everything but the `skip`ped ids, which are
 /// usually one run (the batch on the wire and the one being deleted) or a
@@ -105,32 +132,83 @@ fn unskipped_ranges(skip: &[i64]) -> Option<Vec<(i64, i64)>> {
     (ranges.len() <= MAX_RANGES).then_some(ranges)
 }
 
-/// Reads the next batch of the partitions `owner` holds unexpired leases on
-/// (checked by the database clock in the same statement: the fence), leaving
-/// out the rows `in_flight`.
+/// What to claim: the owner, the batch bounds, the rows to leave out, and
+/// the partition to start from.
+#[derive(Debug, Clone)]
+pub struct Claim<'a> {
+    pub owner: &'a str,
+    pub limit: u32,
+    pub max_bytes: u64,
+    /// Rows in flight or being deleted.
+    pub skip: &'a [i64],
+    /// The partition the walk starts at (see [`next_start`]).
+    pub start: i16,
+}
+
+impl Claim<'_> {
+    fn query<'q>(
+        &self,
+        sql: &'q str,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        let (ranges, filtered) = match unskipped_ranges(self.skip) {
+            Some(ranges) => (ranges, Vec::new()),
+            None => (vec![(i64::MIN, i64::MAX)], self.skip.to_vec()),
+        };
+        let (lo, hi): (Vec<i64>, Vec<i64>) = ranges.into_iter().unzip();
+        // Unnamed (planned per execution with these values): see CLAIM.
+        sqlx::query(sql)
+            .persistent(false)
+            .bind(i64::from(self.limit))
+            .bind(self.max_bytes as i64)
+            .bind(self.owner.to_owned())
+            .bind(lo)
+            .bind(hi)
+            .bind(filtered)
+            .bind(i32::from(self.start))
+    }
+}
+
+/// Reads the next batch of the partitions the owner holds unexpired leases
+/// on (checked by the database clock in the same statement: the fence),
+/// leaving out the rows in `claim.skip`.
 pub async fn claim(
     conn: &mut PgConnection,
     schema: &SchemaName,
-    owner: &str,
-    limit: u32,
-    max_bytes: u64,
-    in_flight: &[i64],
+    claim: &Claim<'_>,
 ) -> Result<Vec<OutboxRow>, Error> {
-    let (ranges, filtered) = match unskipped_ranges(in_flight) {
-        Some(ranges) => (ranges, &[][..]),
-        None => (vec![(i64::MIN, i64::MAX)], in_flight),
-    };
-    let (lo, hi): (Vec<i64>, Vec<i64>) = ranges.into_iter().unzip();
-    sqlx::query_as(&schema.sql(CLAIM))
-        .bind(i64::from(limit))
-        .bind(max_bytes as i64)
-        .bind(owner)
-        .bind(lo)
-        .bind(hi)
-        .bind(filtered)
+    let sql = schema.sql(CLAIM);
+    let rows = claim
+        .query(&sql)
         .fetch_all(conn)
         .await
-        .map_err(Error::explained)
+        .map_err(Error::explained)?;
+    rows.iter()
+        .map(|r| OutboxRow::from_row(r).map_err(Error::from))
+        .collect()
+}
+
+/// `EXPLAIN (ANALYZE, FORMAT JSON)` of the claim with these parameters, as
+/// [`claim`] would run it (for checking that its cost stays bounded by the batch).
+pub async fn explain_claim(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    claim: &Claim<'_>,
+) -> Result<serde_json::Value, Error> {
+    let sql = format!("EXPLAIN (ANALYZE, FORMAT JSON) {}", schema.sql(CLAIM));
+    let row = claim.query(&sql).fetch_one(conn).await?;
+    Ok(row.try_get(0)?)
+}
+
+/// Where the next claim starts: one past the last partition (in this
+/// claim's rotation from `start`) that `rows` came from, so that a busy
+/// partition cannot keep the others waiting.
+pub fn next_start(start: i16, rows: &[OutboxRow]) -> i16 {
+    let n = super::lease::PARTITIONS as i16;
+    let offset = |p: i16| (p - start).rem_euclid(n);
+    match rows.iter().map(|r| offset(r.lease_partition)).max() {
+        Some(last) => (start + last + 1).rem_euclid(n),
+        None => start,
+    }
 }
 
 /// Removes rows whose delivery report said "acknowledged".
@@ -193,5 +271,32 @@ mod tests {
         assert_eq!(unskipped_ranges(&scattered), None);
         let most = &scattered[..MAX_RANGES - 1];
         assert_eq!(unskipped_ranges(most).map(|r| r.len()), Some(MAX_RANGES));
+    }
+
+    fn row(partition: i16) -> OutboxRow {
+        OutboxRow {
+            id: 0,
+            message_id: Uuid::nil(),
+            topic: "t".into(),
+            key: None,
+            payload_text: None,
+            payload_bytes: None,
+            headers: "{}".into(),
+            attempts: 0,
+            lease_partition: partition,
+        }
+    }
+
+    #[test]
+    fn the_next_claim_starts_past_the_last_partition_reached() {
+        assert_eq!(next_start(0, &[row(0), row(3), row(2)]), 4);
+        // The rotation wraps: from 30, partition 1 comes after 31.
+        assert_eq!(next_start(30, &[row(31), row(1), row(30)]), 2);
+        assert_eq!(
+            next_start(5, &[row(4)]),
+            5,
+            "4 is the last of a rotation from 5"
+        );
+        assert_eq!(next_start(7, &[]), 7);
     }
 }

@@ -5,11 +5,13 @@
 //! - [`claim`]: what the relay reads and how it finishes rows;
 //! - [`lease`]: which relay instance may publish which partitions;
 //! - [`dead_letter`]: rows set aside, and the operator's list / retry / discard;
-//! - [`status`]: backlog counts for `kurier status` and `/metrics`.
+//! - [`status`]: backlog counts for `kurier status` and `/metrics`;
+//! - [`maintenance`]: dead rows, and VACUUM where autovacuum cannot reach.
 
 pub mod claim;
 pub mod dead_letter;
 pub mod lease;
+pub mod maintenance;
 pub mod status;
 
 use sqlx::PgExecutor;

@@ -2,6 +2,7 @@
 
 use sqlx::PgPool;
 
+use super::maintenance::TableHealth;
 use crate::error::Error;
 use crate::schema::SchemaName;
 
@@ -17,6 +18,8 @@ pub struct Status {
     pub per_topic: Vec<TopicCount>,
     pub dead_letters: i64,
     pub leases: Vec<LeaseOwner>,
+    /// Dead rows, size and vacuum state of the table (`kurier status` only).
+    pub table: Option<TableHealth>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
@@ -58,6 +61,7 @@ pub async fn outbox_counts(pool: &PgPool, schema: &SchemaName) -> Result<Status,
         per_topic: Vec::new(),
         dead_letters,
         leases: Vec::new(),
+        table: None,
     })
 }
 
@@ -73,6 +77,7 @@ pub async fn outbox(pool: &PgPool, schema: &SchemaName) -> Result<Status, Error>
     Ok(Status {
         per_topic,
         leases,
+        table: Some(super::maintenance::health(pool, schema).await?),
         ..counts
     })
 }

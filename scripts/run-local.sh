@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # `make run`: PostgreSQL, the Tansu broker, migrations, a demo producer and
-# consumer, and the daemon in the foreground. Ctrl-C stops it all.
+# consumer, the order saga demo (three participant services and a stream of
+# orders, some declined at payment and compensated), and the daemon in the
+# foreground. Ctrl-C stops it all. `kurier sagas list` (with the same
+# DATABASE_URL) shows the sagas.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -24,6 +27,13 @@ trap cleanup EXIT
 "$bin/examples/tail" kurier-demo &
 pids+=($!)
 "$bin/order-service" 2 kurier-demo &
+pids+=($!)
+"$bin/examples/order-saga" define
+for role in stock payment shipping; do
+  "$bin/examples/order-saga" participant "$role" >/dev/null &
+  pids+=($!)
+done
+"$bin/examples/order-saga" start --count 100000 --rate 0.5 --decline-over 5000 &
 pids+=($!)
 echo "run: daemon starting; metrics at http://$KURIER_HTTP_ADDR/metrics; Ctrl-C to stop" >&2
 "$bin/kurier" run

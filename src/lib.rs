@@ -12,6 +12,9 @@
 //! - [`inbox`]: [`inbox::record_message`] for services that consume Kafka
 //!   themselves, [`inbox::Processor`] for rows the daemon stored;
 //!   [`inbox::store`] holds every query on the inbox tables.
+//! - [`saga`]: sagas with compensation: [`saga::define`], [`saga::start`] in
+//!   the application's transaction, [`saga::participant`] for the services
+//!   that take part; [`saga::store`] holds every saga query.
 //! - [`schema`]: validated schema names, [`schema::migrate`], and the
 //!   Debezium-shape capture triggers.
 //! - [`error`]: the one error type of this crate.
@@ -22,6 +25,7 @@ pub mod error;
 pub mod inbox;
 mod names;
 pub mod outbox;
+pub mod saga;
 pub mod schema;
 
 pub use error::Error;

@@ -19,6 +19,7 @@ use crate::health::Health;
 use crate::inbox_writer::InboxWriter;
 use crate::maintenance::Maintenance;
 use crate::relay::Relay;
+use crate::saga::SagaRunner;
 
 /// A configured daemon whose HTTP listener (if any) is already bound.
 pub struct Daemon {
@@ -63,6 +64,9 @@ impl Daemon {
         if self.config.relay.enabled {
             loops.extend(self.relays(&tracker, &cancel));
         }
+        if self.config.sagas.enabled {
+            self.sagas(&tracker, &cancel);
+        }
         if loops.is_empty() {
             tracing::warn!("neither the relay nor the inbox writer is enabled; serving HTTP only");
             self.health.set_database(true);
@@ -88,6 +92,11 @@ impl Daemon {
                 Vec::new()
             },
             inbox: self.config.inbox.as_ref().map(|i| i.schema.clone()),
+            sagas: self
+                .config
+                .sagas
+                .enabled
+                .then(|| self.config.sagas.schema.clone()),
         };
         let (health, cancel) = (self.health.clone(), cancel.clone());
         tracker.spawn(async move {
@@ -118,6 +127,42 @@ impl Daemon {
             writer.run(cancel.clone()),
             cancel.clone(),
         ))
+    }
+
+    /// The saga orchestrator: reply consumer, reply applier, timers; and
+    /// retention of its processed replies in the inbox.
+    fn sagas(&self, tracker: &TaskTracker, cancel: &CancellationToken) {
+        let cfg = &self.config;
+        let pool = cfg.database.lazy_pool(cfg.database.max_connections);
+        let runner = SagaRunner::new(
+            pool.clone(),
+            cfg.kafka.clone(),
+            cfg.sagas.clone(),
+            self.health.clone(),
+        );
+        tracker.spawn(
+            runner
+                .run(cancel.clone())
+                .instrument(tracing::info_span!("sagas")),
+        );
+        let retention = InboxConfig {
+            schema: cfg.sagas.schema.clone(),
+            consumer: cfg.sagas.consumer.clone(),
+            topics: Vec::new(),
+            batch_size: 1,
+            batch_wait: Duration::ZERO,
+            message_id_headers: Vec::new(),
+            properties: Default::default(),
+            prune_payload_after: Duration::from_secs(86_400),
+            forget_after: Duration::from_secs(7 * 86_400),
+        };
+        let inbox_prunes_it = cfg
+            .inbox
+            .as_ref()
+            .is_some_and(|i| i.schema == cfg.sagas.schema);
+        if !inbox_prunes_it {
+            tracker.spawn(prune_periodically(pool, retention, cancel.clone()));
+        }
     }
 
     /// One relay loop per schema: each has its own leases, connections and

@@ -42,7 +42,8 @@ impl Health {
 
     /// Registers a loop; readiness requires every registered loop to progress.
     pub fn probe(&self, name: &str) -> Probe {
-        let last = Arc::new(AtomicU64::new(0));
+        // A loop (re)started now has not stalled yet.
+        let last = Arc::new(AtomicU64::new(self.now_ms()));
         self.inner
             .components
             .lock()

@@ -47,6 +47,8 @@ pub struct Backlog {
     pub schemas: Vec<SchemaName>,
     /// The inbox's schema, when the inbox writer runs.
     pub inbox: Option<SchemaName>,
+    /// The sagas' schema, when the orchestrator runs.
+    pub sagas: Option<SchemaName>,
 }
 
 #[derive(Clone)]
@@ -104,6 +106,9 @@ async fn refresh_backlog(b: &Backlog) -> Result<(), kurier::Error> {
         metrics::gauge!("kurier_outbox_autovacuum_reaches", "schema" => label)
             .set(if table.autovacuum_reaches { 1.0 } else { 0.0 });
     }
+    if let Some(schema) = &b.sagas {
+        refresh_sagas(&b.pool, schema).await?;
+    }
     if let Some(schema) = &b.inbox {
         for c in kurier::inbox::store::status(&b.pool, schema).await? {
             let consumer = c.consumer.clone();
@@ -114,6 +119,28 @@ async fn refresh_backlog(b: &Backlog) -> Result<(), kurier::Error> {
             metrics::gauge!("kurier_inbox_oldest_pending_age_seconds", "consumer" => consumer)
                 .set(c.oldest_pending_secs.unwrap_or(0.0));
         }
+    }
+    Ok(())
+}
+
+async fn refresh_sagas(pool: &PgPool, schema: &SchemaName) -> Result<(), kurier::Error> {
+    let c = kurier::saga::store::counts(pool, schema).await?;
+    for (status, n) in [
+        ("running", c.running),
+        ("compensating", c.compensating),
+        ("completed", c.completed),
+        ("compensated", c.compensated),
+        ("failed", c.failed),
+        ("parked", c.parked),
+    ] {
+        metrics::gauge!("kurier_sagas", "status" => status).set(n as f64);
+    }
+    metrics::gauge!("kurier_sagas_past_deadline").set(c.past_deadline as f64);
+    for (q, v) in [
+        ("0.5", c.step_latency_p50_secs),
+        ("0.99", c.step_latency_p99_secs),
+    ] {
+        metrics::gauge!("kurier_saga_step_latency_seconds", "quantile" => q).set(v.unwrap_or(0.0));
     }
     Ok(())
 }

@@ -5,11 +5,13 @@
 //! between the two redelivers the batch, and the inbox's
 //! `ON CONFLICT (consumer, message_id) DO NOTHING` drops the copies.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use kurier::inbox::{store, NewMessage};
 use sqlx::PgPool;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::InboxConfig;
@@ -25,6 +27,8 @@ pub struct InboxWriter {
     /// Test failpoint: abort the process after this many database commits,
     /// before the offsets are stored (`KURIER_FAILPOINT_ABORT_AFTER_INBOX_COMMITS`).
     abort_after_commits: Option<u64>,
+    /// Told after every stored batch (a processor in the same daemon wakes up).
+    stored: Option<Arc<Notify>>,
 }
 
 impl InboxWriter {
@@ -38,7 +42,14 @@ impl InboxWriter {
             cfg,
             health,
             abort_after_commits,
+            stored: None,
         }
+    }
+
+    /// Notifies `stored` after every batch committed.
+    pub fn notify(mut self, stored: Arc<Notify>) -> Self {
+        self.stored = Some(stored);
+        self
     }
 
     /// Consumes until `cancel` fires, then commits the stored offsets.
@@ -76,6 +87,9 @@ impl InboxWriter {
                 std::process::abort();
             }
             consumer.store_offsets(&current);
+            if let Some(stored) = &self.stored {
+                stored.notify_one();
+            }
             self.health.progress();
             batch = match got_next {
                 Some(got) => got,
@@ -111,7 +125,10 @@ impl InboxWriter {
             match tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await {
                 Ok(Ok(m)) => batch.push(m),
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "inbox consumer error");
+                    // e.g. a subscribed topic that does not exist yet: said once.
+                    if consumer.first_in_a_while(&e.to_string()) {
+                        tracing::warn!(error = %e, "inbox consumer error");
+                    }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 // Nothing to consume is not a stall, as long as the broker answers.

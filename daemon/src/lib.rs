@@ -9,6 +9,7 @@
 //!   delete), its [`lease`]s, batches and sessions.
 //! - [`maintenance`]: VACUUM of the outbox where autovacuum cannot keep up.
 //! - [`inbox_writer`]: Kafka → `kurier.inbox`, offsets after the commit.
+//! - [`saga`]: the saga orchestrator's loops (replies in, replies applied, timers).
 //! - [`kafka`]: the only module that imports rdkafka: client settings per
 //!   role, enforced properties, producer, consumer, record mapping.
 //! - [`config`]: TOML + environment → a validated [`Config`], one file per section.
@@ -32,6 +33,7 @@ pub mod lease;
 pub mod maintenance;
 pub mod redact;
 pub mod relay;
+pub mod saga;
 pub mod telemetry;
 pub mod trace;
 

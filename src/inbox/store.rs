@@ -94,6 +94,22 @@ pub async fn record<'e, E: PgExecutor<'e>>(
     Ok(inserted.is_some())
 }
 
+/// Removes what [`record`] stored, in the same transaction (a handled
+/// message that turned out to change nothing may be handled again).
+pub async fn forget<'e, E: PgExecutor<'e>>(
+    executor: E,
+    schema: &SchemaName,
+    consumer: &str,
+    message_id: &str,
+) -> Result<(), Error> {
+    sqlx::query(&schema.sql("DELETE FROM kurier.inbox WHERE consumer = $1 AND message_id = $2"))
+        .bind(consumer)
+        .bind(message_id)
+        .execute(executor)
+        .await?;
+    Ok(())
+}
+
 /// Oldest pending rows first, skipping rows other processors hold.
 pub const CLAIM: &str = "SELECT id, message_id, topic, \"partition\" AS partition, \"offset\" AS offset, key, payload, headers, attempts \
      FROM kurier.inbox i \

@@ -91,6 +91,10 @@ impl Message {
         &self.topic
     }
 
+    pub fn headers(&self) -> &BTreeMap<String, String> {
+        &self.headers
+    }
+
     /// Checks what the relay would otherwise dead-letter, so that a service
     /// learns about a bad message in its own transaction.
     pub fn validate(&self) -> Result<(), Error> {

@@ -3,6 +3,7 @@
 
 mod inbox;
 mod outbox;
+mod sagas;
 
 use std::path::PathBuf;
 
@@ -57,6 +58,9 @@ pub enum Command {
     /// List, retry or discard outbox rows that could not be published.
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(outbox::DeadLetterCommand),
+    /// List sagas, show one's history, retry, compensate or resume one.
+    #[command(subcommand)]
+    Sagas(sagas::SagaCommand),
 }
 
 impl Command {
@@ -90,6 +94,9 @@ pub async fn dispatch(cli: Cli, config: Config, shutdown: CancellationToken) -> 
         }
         Command::DeadLetters(cmd) => {
             outbox::dead_letters(cmd, &connect(&config).await?, &cli.schema).await
+        }
+        Command::Sagas(cmd) => {
+            sagas::run(cmd, &connect(&config).await?, &config.sagas.schema).await
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Configuration: a TOML file, overridden by environment variables, resolved
 //! once into a validated [`Config`]. One file per section (`database`,
-//! `kafka`, `relay`, `inbox`, `debezium`, `http`); each key is named once
+//! `kafka`, `relay`, `inbox`, `debezium`, `sagas`, `http`); each key is named once
 //! ([`value::Keys`] derives its environment variable). Every key is
 //! documented in `config.example.toml`.
 
@@ -10,6 +10,7 @@ mod http;
 mod inbox;
 mod kafka;
 mod relay;
+mod sagas;
 mod value;
 
 use std::collections::BTreeMap;
@@ -24,6 +25,7 @@ use serde::Deserialize;
 pub use self::database::DatabaseConfig;
 pub use self::inbox::InboxConfig;
 pub use self::relay::RelayConfig;
+pub use self::sagas::SagasConfig;
 use self::value::Keys;
 pub use crate::kafka::{CloudEvents, KafkaConfig};
 use crate::telemetry::LogFormat;
@@ -69,6 +71,8 @@ pub struct Config {
     pub inbox: Option<InboxConfig>,
     /// Debezium-shape outbox tables captured into a Kurier outbox.
     pub debezium: Vec<DebeziumTable>,
+    /// The saga orchestrator.
+    pub sagas: SagasConfig,
     pub http_addr: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
@@ -88,6 +92,8 @@ struct RawConfig {
     inbox: inbox::RawInbox,
     #[serde(default)]
     debezium: Vec<debezium::RawDebezium>,
+    #[serde(default)]
+    sagas: sagas::RawSagas,
     #[serde(default)]
     http: http::RawHttp,
     #[serde(default)]
@@ -169,7 +175,8 @@ impl Config {
     pub fn schemas(&self) -> Vec<SchemaName> {
         let mut all = vec![SchemaName::kurier()];
         let inbox = self.inbox.iter().map(|i| &i.schema);
-        for s in self.relay.schemas.iter().chain(inbox) {
+        let sagas = std::iter::once(&self.sagas.schema);
+        for s in self.relay.schemas.iter().chain(inbox).chain(sagas) {
             if !all.contains(s) {
                 all.push(s.clone());
             }
@@ -206,6 +213,7 @@ fn resolve(raw: RawConfig, env: &dyn Env, overrides: &Overrides) -> Result<Confi
         kafka: kafka::resolve(raw.kafka, &k)?,
         inbox: inbox::resolve(raw.inbox, &k)?,
         debezium: debezium::resolve(raw.debezium, &k, &relay.schemas)?,
+        sagas: sagas::resolve(raw.sagas, &k)?,
         relay,
         http_addr: http::resolve(raw.http, &k, overrides.http_addr.clone())?,
         log_format: resolve_log_format(k.text("log.format", raw.log.format))?,

@@ -36,3 +36,36 @@ pub fn metadata(cfg: &KafkaConfig) -> Result<Metadata, String> {
         topics: md.topics().iter().map(|t| t.name().to_owned()).collect(),
     })
 }
+
+/// Creates those of `topics` that do not exist yet (`partitions` each,
+/// replication factor 1 where the cluster allows; its default otherwise).
+/// Returns the topics created. Needs the CreateTopics right.
+pub async fn ensure_topics(
+    cfg: &KafkaConfig,
+    topics: &[String],
+    partitions: i32,
+) -> Result<Vec<String>, String> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::types::RDKafkaErrorCode;
+    let admin: AdminClient<Context> = client_config(cfg, Role::Probe, &BTreeMap::new(), None)
+        .create_with_context(Context::default())
+        .map_err(|e| e.to_string())?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics(&new, &options)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut created = Vec::new();
+    for r in results {
+        match r {
+            Ok(topic) => created.push(topic),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(format!("cannot create topic {topic}: {code}")),
+        }
+    }
+    Ok(created)
+}

@@ -96,6 +96,12 @@ impl InboxConsumer {
         }
     }
 
+    /// Whether an error with this text should be logged now (once per
+    /// [`super::context::QUIET_FOR`]), like librdkafka's own.
+    pub fn first_in_a_while(&self, error: &str) -> bool {
+        self.consumer.context().first_in_a_while(error).is_some()
+    }
+
     /// A blocking check that the cluster answers (for readiness while idle).
     pub fn reachability(&self) -> impl FnOnce() -> bool + Send + 'static {
         let consumer = Arc::clone(&self.consumer);

@@ -30,7 +30,7 @@ struct Seen {
 
 impl Context {
     /// `Some(held back since the last time)` when `message` should be logged now.
-    fn first_in_a_while(&self, message: &str) -> Option<u64> {
+    pub fn first_in_a_while(&self, message: &str) -> Option<u64> {
         let key = normalized(message);
         let mut seen = self.seen.lock().expect("librdkafka log state");
         let now = Instant::now();

@@ -66,3 +66,20 @@ pub fn signal(child: &Child, sig: &str) {
         .success();
     assert!(ok, "kill -{sig} failed");
 }
+
+/// The path of example `name` of the package under test, as `cargo test`
+/// builds it (next to the test binary's folder).
+pub fn example_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let path = profile_dir.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build --release --workspace --examples` (make test does)",
+        path.display()
+    );
+    path
+}

@@ -137,3 +137,34 @@ pub async fn send_plain(
         .map_err(|(e, _)| e)
         .expect("produce");
 }
+
+/// Sends a copy of `rec` to `topic` (its key, value and headers), with
+/// `message-id` replaced when `new_id` is given; waits for the ack.
+pub async fn resend(
+    p: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    rec: &crate::reader::Rec,
+    new_id: Option<&str>,
+) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let mut headers = OwnedHeaders::new();
+    for (k, v) in &rec.headers {
+        let value = match (k.as_str(), new_id) {
+            ("message-id", Some(id)) => Some(id.as_bytes()),
+            _ => v.as_deref(),
+        };
+        headers = headers.insert(Header { key: k, value });
+    }
+    let mut out: rdkafka::producer::FutureRecord<'_, str, [u8]> =
+        rdkafka::producer::FutureRecord::to(topic).headers(headers);
+    if let Some(k) = &rec.key {
+        out = out.key(k.as_str());
+    }
+    if let Some(v) = &rec.value {
+        out = out.payload(v.as_slice());
+    }
+    p.send(out, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| e)
+        .expect("produce");
+}

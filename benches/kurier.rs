@@ -4,8 +4,8 @@
 //! BENCH_N (default 200000) sets the number of drained messages; BENCH_ONLY
 //! (e.g. `drain,latency`) runs some parts: drain (with the raw producer and a
 //! burst into a never-analyzed outbox beside it), burst1m, sustained
-//! (BENCH_SUSTAINED_N rows, default 2,000,000), idle, scale, latency (with
-//! the raw producer baseline), notify, inbox.
+//! (BENCH_SUSTAINED_N rows, default 2,000,000), sagas, idle, scale, latency
+//! (with the raw producer baseline), notify, inbox.
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::{Child, Command, Stdio};
@@ -104,6 +104,9 @@ async fn main() {
     }
     if run("sustained") {
         sustained(brokers, kurier, &mut f).await;
+    }
+    if run("sagas") {
+        sagas(brokers, kurier, &mut f).await;
     }
     if run("idle") {
         idle_cost(brokers, kurier, &mut f).await;
@@ -470,6 +473,139 @@ async fn largest_table(pool: PgPool, stop: tokio_util::sync::CancellationToken) 
     (mib, dead)
 }
 
+/// Three-step sagas end to end with instant participants (examples/order-saga.rs,
+/// one process each, their own inbox and relay in-process), the orchestrator
+/// the `kurier` binary: sagas per second with 500 started at once, and per
+/// step, at one saga at a time, the time from the command's outbox row to
+/// its reply applied, and the orchestrator's own share of it (reply stored in
+/// its inbox → applied, next command written).
+async fn sagas(brokers: &str, kurier: &str, f: &mut Figures) {
+    use kurier::saga::Step;
+    let db = fresh_db("sagas").await;
+    let pool = PgPool::connect(&db).await.unwrap();
+    let saga_type = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let mut steps = Vec::new();
+    for (role, verb, undo) in [("stock", "reserve", Some("release")), ("payment", "charge", Some("refund")), ("shipping", "ship", None)] {
+        let topic = format!("{saga_type}.{role}.{verb}");
+        kurier_test_support::create_topic(brokers, &topic, 3).await;
+        let mut step = Step::new(role, topic);
+        if let Some(undo) = undo {
+            let t = format!("{saga_type}.{role}.{undo}");
+            kurier_test_support::create_topic(brokers, &t, 3).await;
+            step = step.compensate_on(t);
+        }
+        steps.push(step);
+    }
+    kurier_test_support::create_topic(brokers, &format!("saga.{saga_type}.replies"), 3).await;
+    kurier::saga::define(&pool, &kurier::SchemaName::kurier(), &saga_type, &steps, None)
+        .await
+        .unwrap();
+    let participants: Vec<Daemon> = ["stock", "payment", "shipping"]
+        .iter()
+        .map(|role| {
+            let mut c = Command::new(kurier_test_support::example_bin("order-saga"));
+            c.args(["--prefix", &saga_type, "participant", role])
+                .env("DATABASE_URL", &db)
+                .env("KAFKA_BROKERS", brokers)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null());
+            Daemon(c.spawn().expect("spawn a participant"))
+        })
+        .collect();
+    let orchestrator = spawn(
+        kurier,
+        &[
+            ("DATABASE_URL", &db),
+            ("KAFKA_BROKERS", brokers),
+            ("KURIER_SAGAS_POLL_INTERVAL_MS", "200"),
+            ("KURIER_SAGAS_PROPERTIES", "session.timeout.ms=6000,max.poll.interval.ms=15000"),
+        ],
+    );
+    // Warm up: the consumer groups join before anything is measured.
+    run_sagas(&pool, &saga_type, 3, 1).await;
+    let (n, secs) = (500, run_sagas(&pool, &saga_type, 500, 500).await);
+    f.insert("sagas_per_s", n as f64 / secs);
+    let since: f64 = count_f64(&pool, "SELECT extract(epoch FROM now())::float8").await;
+    run_sagas(&pool, &saga_type, 50, 1).await;
+    let (p50, p99) = step_latency(&pool, since).await;
+    f.insert("saga_step_p50_ms", p50);
+    f.insert("saga_step_p99_ms", p99);
+    let (a50, a99) = orchestrator_share(&pool, since).await;
+    f.insert("saga_orchestrator_apply_p50_ms", a50);
+    f.insert("saga_orchestrator_apply_p99_ms", a99);
+    drop(orchestrator);
+    drop(participants);
+    pool.close().await;
+    drop_db(&db).await;
+}
+
+/// Starts `n` sagas, at most `concurrent` running at once; returns seconds
+/// until the last one completed.
+async fn run_sagas(pool: &PgPool, saga_type: &str, n: usize, concurrent: usize) -> f64 {
+    let t = Instant::now();
+    let mut pending: Vec<uuid::Uuid> = Vec::new();
+    let mut started = 0;
+    while started < n || !pending.is_empty() {
+        while started < n && pending.len() < concurrent {
+            let id = uuid::Uuid::new_v4();
+            kurier::saga::start(pool, &kurier::SchemaName::kurier(), saga_type, id, &serde_json::json!({"n": started}))
+                .await
+                .unwrap();
+            pending.push(id);
+            started += 1;
+        }
+        let done: Vec<uuid::Uuid> = sqlx::query_scalar(
+            "SELECT id FROM kurier.sagas WHERE id = ANY($1) AND status = 'completed'",
+        )
+        .bind(&pending)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        pending.retain(|id| !done.contains(id));
+        assert!(t.elapsed() < Duration::from_secs(600), "sagas stalled: {} pending", pending.len());
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(if concurrent == 1 { 2 } else { 50 })).await;
+        }
+    }
+    t.elapsed().as_secs_f64()
+}
+
+async fn count_f64(pool: &PgPool, sql: &str) -> f64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// p50 / p99 ms from a step's command (its outbox row written) to its reply
+/// applied, for sagas started after `since` (epoch seconds).
+async fn step_latency(pool: &PgPool, since: f64) -> (f64, f64) {
+    sqlx::query_as(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) \
+         FROM (SELECT extract(epoch FROM r.at - c.at) * 1000 AS ms \
+               FROM kurier.saga_events r JOIN kurier.saga_events c \
+                 ON c.saga_id = r.saga_id AND c.step = r.step AND c.kind = 'command_sent' \
+               WHERE r.kind = 'reply' AND r.at > to_timestamp($1)) t",
+    )
+    .bind(since)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// p50 / p99 ms from a reply stored in the orchestrator's inbox to the reply
+/// applied (the next command written in the same transaction).
+async fn orchestrator_share(pool: &PgPool, since: f64) -> (f64, f64) {
+    sqlx::query_as(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) \
+         FROM (SELECT extract(epoch FROM r.at - i.received_at) * 1000 AS ms \
+               FROM kurier.saga_events r JOIN kurier.inbox i \
+                 ON i.consumer = 'kurier-sagas' AND i.message_id = r.message_id \
+               WHERE r.kind = 'reply' AND r.at > to_timestamp($1)) t",
+    )
+    .bind(since)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 /// Transactions per second a relay runs with nothing to do, on a fresh
 /// database (right after a drain, autovacuum's transactions would count too).
 async fn idle_cost(brokers: &str, kurier: &str, f: &mut Figures) {
@@ -770,10 +906,61 @@ async fn inbox_vs_raw_consumer(brokers: &str, kurier: &str, n: usize, f: &mut Fi
     f.insert("raw_consumer_msgs_per_s", raw_rate);
     f.insert("inbox_ingest_msgs_per_s", inbox_rate);
     f.insert("inbox_vs_raw", inbox_rate / raw_rate);
+    let pg_rate = pg_inbox_insert(&pool, &topic, n).await;
+    f.insert("pg_inbox_insert_rows_per_s", pg_rate);
+    f.insert("inbox_vs_pg_insert", inbox_rate / pg_rate);
     f.insert("inbox_cpu_s_per_100k", cpu * 100_000.0 / n as f64);
     f.insert("inbox_peak_rss_mib", rss as f64 / 1024.0);
     pool.close().await;
     drop_db(&db).await;
+}
+
+/// PostgreSQL's own batched insert rate into a table of the inbox's shape
+/// with its dedup index: the same rows as the bench's messages, 1,000 per
+/// statement and transaction, from one connection (as the writer stores),
+/// built before the clock starts.
+async fn pg_inbox_insert(pool: &PgPool, topic: &str, n: usize) -> f64 {
+    sqlx::query("CREATE TABLE bench_inbox (LIKE kurier.inbox INCLUDING ALL)")
+        .execute(pool)
+        .await
+        .unwrap();
+    type Batch = (Vec<String>, Vec<i32>, Vec<i64>, Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<serde_json::Value>);
+    let batches: Vec<Batch> = (0..n)
+        .collect::<Vec<_>>()
+        .chunks(1000)
+        .map(|c| {
+            let ids: Vec<String> = c.iter().map(|_| uuid::Uuid::new_v4().to_string()).collect();
+            let headers = ids.iter().map(|id| serde_json::json!({"message-id": id})).collect();
+            (
+                ids,
+                c.iter().map(|i| (*i % 4) as i32).collect(),
+                c.iter().map(|i| *i as i64).collect(),
+                c.iter().map(|i| format!("key-{}", i % 1000).into_bytes()).collect(),
+                c.iter().map(|i| payload(*i).to_string().into_bytes()).collect(),
+                headers,
+            )
+        })
+        .collect();
+    let mut conn = pool.acquire().await.unwrap();
+    let t = Instant::now();
+    for (ids, parts, offsets, keys, values, headers) in batches {
+        sqlx::query(
+            "INSERT INTO bench_inbox (consumer, message_id, topic, \"partition\", \"offset\", key, payload, headers) \
+             SELECT 'bench', m, $1, p, o, k, v, h FROM unnest($2::text[], $3::int[], $4::bigint[], $5::bytea[], $6::bytea[], $7::jsonb[]) \
+               AS u(m, p, o, k, v, h) ON CONFLICT (consumer, message_id) DO NOTHING",
+        )
+        .bind(topic)
+        .bind(ids)
+        .bind(parts)
+        .bind(offsets)
+        .bind(keys)
+        .bind(values)
+        .bind(headers)
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    }
+    n as f64 / t.elapsed().as_secs_f64()
 }
 
 /// `relay.batch_size` as the spawned daemons resolve it (they inherit this

@@ -23,4 +23,6 @@ fi
 psql -qAt "$DATABASE_URL" -c "SELECT datname FROM pg_database WHERE datname LIKE 'kurier\_bench\_%'" |
   while read -r db; do psql -q "$DATABASE_URL" -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)"; done
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r)"
+# The saga part runs the participants of examples/order-saga.rs.
+cargo build --release -p kurier-daemon --example order-saga
 cargo bench -p kurier-daemon --bench kurier

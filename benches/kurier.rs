@@ -4,7 +4,8 @@
 //! BENCH_N (default 200000) sets the number of drained messages; BENCH_ONLY
 //! (e.g. `drain,latency`) runs some parts: drain (with the raw producer and a
 //! burst into a never-analyzed outbox beside it), burst1m, sustained
-//! (BENCH_SUSTAINED_N rows, default 2,000,000), sagas, idle, scale, latency
+//! (BENCH_SUSTAINED_N rows, default 2,000,000), events, projections, sagas,
+//! idle, scale, latency
 //! (with the raw producer baseline), notify, inbox.
 
 use std::collections::{BTreeMap, HashMap};
@@ -104,6 +105,12 @@ async fn main() {
     }
     if run("sustained") {
         sustained(brokers, kurier, &mut f).await;
+    }
+    if run("events") {
+        events(&mut f).await;
+    }
+    if run("projections") {
+        projection_rebuild(&mut f).await;
     }
     if run("sagas") {
         sagas(brokers, kurier, &mut f).await;
@@ -473,6 +480,195 @@ async fn largest_table(pool: PgPool, stop: tokio_util::sync::CancellationToken) 
     (mib, dead)
 }
 
+/// Event-store appends against plain inserts of the same rows into a table
+/// of the events' shape (no outbox row, no version check, no locks), side
+/// by side: 8 writers, each appending to its own stream, one transaction per
+/// event for `SECS` seconds; then with batches of 100 per transaction. And
+/// `read_all` catch-up: every event from position 0 in pages of 10,000.
+async fn events(f: &mut Figures) {
+    const SECS: f64 = 5.0;
+    let db = fresh_db("events").await;
+    let pool = PgPoolOptions::new()
+        .max_connections(9)
+        .connect(&db)
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE plain_events (LIKE kurier.events INCLUDING DEFAULTS INCLUDING GENERATED INCLUDING INDEXES INCLUDING CONSTRAINTS); \
+         CREATE SEQUENCE plain_position;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    for batch in [1usize, 100] {
+        let plain = eight_writers(&pool, batch, SECS, true).await;
+        let appends = eight_writers(&pool, batch, SECS, false).await;
+        let name = if batch == 1 { "single" } else { "batch100" };
+        f.insert(leak(format!("plain_insert_{name}_events_per_s")), plain);
+        f.insert(leak(format!("append_{name}_events_per_s")), appends);
+        f.insert(leak(format!("append_vs_plain_{name}")), appends / plain);
+    }
+    let total: i64 = count(&pool, "SELECT count(*) FROM kurier.events").await;
+    let es = kurier::events::EventStore::new(pool.clone());
+    let t = Instant::now();
+    let (mut after, mut read) = (0i64, 0i64);
+    loop {
+        let page = es.read_all(after, 10_000, None).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.global_position;
+        read += page.len() as i64;
+    }
+    assert_eq!(read, total, "catch-up read every event");
+    f.insert(
+        "read_all_catch_up_events_per_s",
+        read as f64 / t.elapsed().as_secs_f64(),
+    );
+    f.insert("read_all_catch_up_events", read as f64);
+    pool.close().await;
+    drop_db(&db).await;
+}
+
+/// Events per second of 8 writers for `secs`, each on its own streams,
+/// `batch` events per transaction: plain inserts, or `kurier.append_events`
+/// (one event: `kurier.append_event`) with the version check.
+async fn eight_writers(pool: &PgPool, batch: usize, secs: f64, plain: bool) -> f64 {
+    let stop = Instant::now() + Duration::from_secs_f64(secs);
+    let tasks: Vec<_> = (0..8)
+        .map(|w| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let es = kurier::events::EventStore::new(pool.clone());
+                let stream = format!("bench-{}", uuid::Uuid::new_v4().simple());
+                let mut version: Option<u64> = None;
+                let mut n = 0usize;
+                while Instant::now() < stop {
+                    let events: Vec<kurier::events::NewEvent> = (0..batch)
+                        .map(|i| kurier::events::NewEvent::json("Placed", payload(n + i)))
+                        .collect();
+                    if plain {
+                        plain_insert(&pool, &stream, version.map_or(0, |v| v + 1), &events).await;
+                    } else {
+                        let expected = version.map_or(
+                            kurier::events::Expected::NoStream,
+                            kurier::events::Expected::Exact,
+                        );
+                        es.append(&stream, expected, &events).await.unwrap();
+                    }
+                    version = Some(version.map_or(batch as u64 - 1, |v| v + batch as u64));
+                    n += batch;
+                }
+                let _ = w;
+                n
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total as f64 / secs
+}
+
+/// The same rows as an append, inserted as they are into `plain_events`.
+async fn plain_insert(
+    pool: &PgPool,
+    stream: &str,
+    first_version: u64,
+    events: &[kurier::events::NewEvent],
+) {
+    let data: Vec<serde_json::Value> = events
+        .iter()
+        .map(|e| e.data.as_json().cloned().unwrap_or_default())
+        .collect();
+    let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
+    sqlx::query(
+        "INSERT INTO plain_events (global_position, stream, version, type, data, event_id) \
+         SELECT nextval('plain_position'), $1, $2 + n - 1, 'Placed', d, i \
+         FROM unnest($3::jsonb[], $4::uuid[]) WITH ORDINALITY AS u(d, i, n)",
+    )
+    .bind(stream)
+    .bind(first_version as i64)
+    .bind(&data)
+    .bind(&ids)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// A rebuild of a one-row-upsert SQL projection (`kurier.run_projection`,
+/// batches of 10,000) against a plain `read_all` scan of the same events in
+/// the same batches.
+async fn projection_rebuild(f: &mut Figures) {
+    let n: i64 = 200_000;
+    let db = fresh_db("projections").await;
+    let pool = PgPool::connect(&db).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE per_stream (stream text PRIMARY KEY, events bigint NOT NULL); \
+         CREATE FUNCTION count_per_stream(e kurier.event) RETURNS void LANGUAGE sql AS $$ \
+           INSERT INTO per_stream VALUES (e.stream, 1) ON CONFLICT (stream) DO UPDATE SET events = per_stream.events + 1 $$; \
+         SELECT kurier.set_event_publishing(false);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    // 200k events over 1,000 streams, appended in batches.
+    let es = kurier::events::EventStore::new(pool.clone());
+    for s in 0..1000 {
+        let events: Vec<kurier::events::NewEvent> = (0..n / 1000)
+            .map(|i| kurier::events::NewEvent::json("Placed", serde_json::json!({"i": i})))
+            .collect();
+        es.append(
+            &format!("order-{s}"),
+            kurier::events::Expected::Any,
+            &events,
+        )
+        .await
+        .unwrap();
+    }
+    let t = Instant::now();
+    let (mut after, mut scanned) = (0i64, 0i64);
+    loop {
+        let (rows, last): (i64, Option<i64>) =
+            sqlx::query_as("SELECT count(*), max(global_position) FROM kurier.read_all($1, 10000)")
+                .bind(after)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        let Some(last) = last else { break };
+        (after, scanned) = (last, scanned + rows);
+    }
+    let scan_rate = scanned as f64 / t.elapsed().as_secs_f64();
+    sqlx::query("SELECT kurier.define_projection('per_stream', 'count_per_stream(kurier.event)')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let mut applied = 0i64;
+    loop {
+        let mut tx = pool.begin().await.unwrap();
+        let run = kurier::projection::store::run(
+            &mut tx,
+            &kurier::SchemaName::kurier(),
+            "per_stream",
+            10_000,
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+        applied += i64::from(run.applied);
+        if !run.more {
+            break;
+        }
+    }
+    let rebuild_rate = applied as f64 / t.elapsed().as_secs_f64();
+    assert_eq!(applied, n, "the rebuild applied every event");
+    f.insert("read_all_scan_events_per_s", scan_rate);
+    f.insert("projection_rebuild_events_per_s", rebuild_rate);
+    f.insert("projection_rebuild_vs_scan", rebuild_rate / scan_rate);
+    pool.close().await;
+    drop_db(&db).await;
+}
+
 /// Three-step sagas end to end with instant participants (examples/order-saga.rs,
 /// one process each, their own inbox and relay in-process), the orchestrator
 /// the `kurier` binary: sagas per second with 500 started at once, and per
@@ -485,7 +681,11 @@ async fn sagas(brokers: &str, kurier: &str, f: &mut Figures) {
     let pool = PgPool::connect(&db).await.unwrap();
     let saga_type = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let mut steps = Vec::new();
-    for (role, verb, undo) in [("stock", "reserve", Some("release")), ("payment", "charge", Some("refund")), ("shipping", "ship", None)] {
+    for (role, verb, undo) in [
+        ("stock", "reserve", Some("release")),
+        ("payment", "charge", Some("refund")),
+        ("shipping", "ship", None),
+    ] {
         let topic = format!("{saga_type}.{role}.{verb}");
         kurier_test_support::create_topic(brokers, &topic, 3).await;
         let mut step = Step::new(role, topic);
@@ -497,9 +697,15 @@ async fn sagas(brokers: &str, kurier: &str, f: &mut Figures) {
         steps.push(step);
     }
     kurier_test_support::create_topic(brokers, &format!("saga.{saga_type}.replies"), 3).await;
-    kurier::saga::define(&pool, &kurier::SchemaName::kurier(), &saga_type, &steps, None)
-        .await
-        .unwrap();
+    kurier::saga::define(
+        &pool,
+        &kurier::SchemaName::kurier(),
+        &saga_type,
+        &steps,
+        None,
+    )
+    .await
+    .unwrap();
     let participants: Vec<Daemon> = ["stock", "payment", "shipping"]
         .iter()
         .map(|role| {
@@ -518,7 +724,10 @@ async fn sagas(brokers: &str, kurier: &str, f: &mut Figures) {
             ("DATABASE_URL", &db),
             ("KAFKA_BROKERS", brokers),
             ("KURIER_SAGAS_POLL_INTERVAL_MS", "200"),
-            ("KURIER_SAGAS_PROPERTIES", "session.timeout.ms=6000,max.poll.interval.ms=15000"),
+            (
+                "KURIER_SAGAS_PROPERTIES",
+                "session.timeout.ms=6000,max.poll.interval.ms=15000",
+            ),
         ],
     );
     // Warm up: the consumer groups join before anything is measured.
@@ -548,9 +757,15 @@ async fn run_sagas(pool: &PgPool, saga_type: &str, n: usize, concurrent: usize) 
     while started < n || !pending.is_empty() {
         while started < n && pending.len() < concurrent {
             let id = uuid::Uuid::new_v4();
-            kurier::saga::start(pool, &kurier::SchemaName::kurier(), saga_type, id, &serde_json::json!({"n": started}))
-                .await
-                .unwrap();
+            kurier::saga::start(
+                pool,
+                &kurier::SchemaName::kurier(),
+                saga_type,
+                id,
+                &serde_json::json!({"n": started}),
+            )
+            .await
+            .unwrap();
             pending.push(id);
             started += 1;
         }
@@ -562,7 +777,11 @@ async fn run_sagas(pool: &PgPool, saga_type: &str, n: usize, concurrent: usize) 
         .await
         .unwrap();
         pending.retain(|id| !done.contains(id));
-        assert!(t.elapsed() < Duration::from_secs(600), "sagas stalled: {} pending", pending.len());
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "sagas stalled: {} pending",
+            pending.len()
+        );
         if !pending.is_empty() {
             tokio::time::sleep(Duration::from_millis(if concurrent == 1 { 2 } else { 50 })).await;
         }
@@ -924,19 +1143,33 @@ async fn pg_inbox_insert(pool: &PgPool, topic: &str, n: usize) -> f64 {
         .execute(pool)
         .await
         .unwrap();
-    type Batch = (Vec<String>, Vec<i32>, Vec<i64>, Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<serde_json::Value>);
+    type Batch = (
+        Vec<String>,
+        Vec<i32>,
+        Vec<i64>,
+        Vec<Vec<u8>>,
+        Vec<Vec<u8>>,
+        Vec<serde_json::Value>,
+    );
     let batches: Vec<Batch> = (0..n)
         .collect::<Vec<_>>()
         .chunks(1000)
         .map(|c| {
             let ids: Vec<String> = c.iter().map(|_| uuid::Uuid::new_v4().to_string()).collect();
-            let headers = ids.iter().map(|id| serde_json::json!({"message-id": id})).collect();
+            let headers = ids
+                .iter()
+                .map(|id| serde_json::json!({"message-id": id}))
+                .collect();
             (
                 ids,
                 c.iter().map(|i| (*i % 4) as i32).collect(),
                 c.iter().map(|i| *i as i64).collect(),
-                c.iter().map(|i| format!("key-{}", i % 1000).into_bytes()).collect(),
-                c.iter().map(|i| payload(*i).to_string().into_bytes()).collect(),
+                c.iter()
+                    .map(|i| format!("key-{}", i % 1000).into_bytes())
+                    .collect(),
+                c.iter()
+                    .map(|i| payload(*i).to_string().into_bytes())
+                    .collect(),
                 headers,
             )
         })

@@ -17,6 +17,16 @@ pub enum Error {
     /// The database lacks Kurier's schema or rights; retrying cannot help.
     #[error("{problem}; fix: {fix}")]
     Setup { problem: String, fix: String },
+    /// An append's expected version did not match the stream's (SQLSTATE
+    /// KU409): nothing was stored; reload the stream and decide again.
+    #[error("version conflict: stream {stream} is at version {actual}, expected {expected}")]
+    VersionConflict {
+        stream: String,
+        /// As the append said it: -1 = no stream.
+        expected: i64,
+        /// -1 = the stream does not exist.
+        actual: i64,
+    },
 }
 
 impl Error {
@@ -26,6 +36,15 @@ impl Error {
         match self {
             Error::Database(e) => database_error_is_retryable(e),
             _ => false,
+        }
+    }
+
+    /// The SQLSTATE of a database error (`KU409`, `23505`, ...), if any.
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            Error::Database(sqlx::Error::Database(db)) => db.code().map(|c| c.into_owned()),
+            Error::VersionConflict { .. } => Some("KU409".into()),
+            _ => None,
         }
     }
 

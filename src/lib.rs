@@ -9,9 +9,16 @@
 //! - [`outbox`]: [`Message`] and [`enqueue`] on the caller's transaction;
 //!   [`outbox::store`] holds every query on the outbox tables (the relay's
 //!   claim and finish, leases, dead letters, backlog counts).
+//! - [`events`]: the event store ([`events::EventStore`], aggregates,
+//!   typed events with upcasters, snapshots, erasure, crypto-shredding);
+//!   [`events::store`] holds every event-store query.
 //! - [`inbox`]: [`inbox::record_message`] for services that consume Kafka
 //!   themselves, [`inbox::Processor`] for rows the daemon stored;
 //!   [`inbox::store`] holds every query on the inbox tables.
+//! - [`projection`]: read models fed from the event store, checkpointed in
+//!   the same transaction ([`projection::Projection`],
+//!   [`projection::ProjectionRunner`]); [`projection::store`] holds every
+//!   projection query.
 //! - [`saga`]: sagas with compensation: [`saga::define`], [`saga::start`] in
 //!   the application's transaction, [`saga::participant`] for the services
 //!   that take part; [`saga::store`] holds every saga query.
@@ -22,9 +29,11 @@
 //! See ARCHITECTURE.md for the data flow and where each guarantee is enforced.
 
 pub mod error;
+pub mod events;
 pub mod inbox;
 mod names;
 pub mod outbox;
+pub mod projection;
 pub mod saga;
 pub mod schema;
 

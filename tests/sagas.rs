@@ -174,18 +174,7 @@ impl World {
     }
 
     fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new(kurier_bin!())
-            .args(args)
-            .env_remove("KURIER_CONFIG")
-            .env("DATABASE_URL", &self.db.url)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "kurier {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        cli(kurier_bin!(), &self.db.url, args)
     }
 }
 

@@ -18,6 +18,7 @@ use crate::error::Error;
 use crate::health::Health;
 use crate::inbox_writer::InboxWriter;
 use crate::maintenance::Maintenance;
+use crate::projections::ProjectionsRunner;
 use crate::relay::Relay;
 use crate::saga::SagaRunner;
 
@@ -67,6 +68,16 @@ impl Daemon {
         if self.config.sagas.enabled {
             self.sagas(&tracker, &cancel);
         }
+        if self.config.projections.enabled {
+            let cfg = &self.config;
+            let runner = ProjectionsRunner::new(
+                cfg.database.lazy_pool(cfg.database.max_connections),
+                cfg.database.clone(),
+                cfg.projections.clone(),
+            );
+            let span = tracing::info_span!("projections");
+            tracker.spawn(runner.run(cancel.clone()).instrument(span));
+        }
         if loops.is_empty() {
             tracing::warn!("neither the relay nor the inbox writer is enabled; serving HTTP only");
             self.health.set_database(true);
@@ -97,6 +108,12 @@ impl Daemon {
                 .sagas
                 .enabled
                 .then(|| self.config.sagas.schema.clone()),
+            events: Some(kurier::SchemaName::kurier()),
+            projections: self
+                .config
+                .projections
+                .enabled
+                .then(|| self.config.projections.schema.clone()),
         };
         let (health, cancel) = (self.health.clone(), cancel.clone());
         tracker.spawn(async move {

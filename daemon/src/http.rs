@@ -49,6 +49,10 @@ pub struct Backlog {
     pub inbox: Option<SchemaName>,
     /// The sagas' schema, when the orchestrator runs.
     pub sagas: Option<SchemaName>,
+    /// The event store's schema (its horizon gauges).
+    pub events: Option<SchemaName>,
+    /// The projections' schema, when the daemon runs them (lag gauges).
+    pub projections: Option<SchemaName>,
 }
 
 #[derive(Clone)]
@@ -108,6 +112,24 @@ async fn refresh_backlog(b: &Backlog) -> Result<(), kurier::Error> {
     }
     if let Some(schema) = &b.sagas {
         refresh_sagas(&b.pool, schema).await?;
+    }
+    if let Some(schema) = &b.projections {
+        for p in kurier::projection::store::status(&b.pool, schema).await? {
+            let name = p.name.clone();
+            metrics::gauge!("kurier_projection_lag_events", "projection" => name.clone())
+                .set(p.events_behind as f64);
+            metrics::gauge!("kurier_projection_lag_seconds", "projection" => name.clone())
+                .set(p.seconds_behind);
+            metrics::gauge!("kurier_projection_parked", "projection" => name)
+                .set(if p.status == "parked" { 1.0 } else { 0.0 });
+        }
+    }
+    if let Some(schema) = &b.events {
+        let (last, lag, holders, age) = kurier::events::store::horizon_lag(&b.pool, schema).await?;
+        metrics::gauge!("kurier_events_last_position").set(last as f64);
+        metrics::gauge!("kurier_events_horizon_lag_events").set(lag as f64);
+        metrics::gauge!("kurier_events_horizon_holders").set(holders as f64);
+        metrics::gauge!("kurier_events_horizon_age_seconds").set(age);
     }
     if let Some(schema) = &b.inbox {
         for c in kurier::inbox::store::status(&b.pool, schema).await? {

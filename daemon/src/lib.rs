@@ -10,6 +10,7 @@
 //! - [`maintenance`]: VACUUM of the outbox where autovacuum cannot keep up.
 //! - [`inbox_writer`]: Kafka → `kurier.inbox`, offsets after the commit.
 //! - [`saga`]: the saga orchestrator's loops (replies in, replies applied, timers).
+//! - [`projections`]: the SQL projections' runners (one per projection across instances).
 //! - [`kafka`]: the only module that imports rdkafka: client settings per
 //!   role, enforced properties, producer, consumer, record mapping.
 //! - [`config`]: TOML + environment → a validated [`Config`], one file per section.
@@ -31,6 +32,7 @@ pub mod inbox_writer;
 pub mod kafka;
 pub mod lease;
 pub mod maintenance;
+pub mod projections;
 pub mod redact;
 pub mod relay;
 pub mod saga;

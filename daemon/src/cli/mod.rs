@@ -1,8 +1,10 @@
 //! The command line: what `kurier` accepts, and each command's run and
 //! output. `main.rs` parses, loads the configuration and calls [`dispatch`].
 
+mod events;
 mod inbox;
 mod outbox;
+mod projections;
 mod sagas;
 
 use std::path::PathBuf;
@@ -61,6 +63,12 @@ pub enum Command {
     /// List sagas, show one's history, retry, compensate or resume one.
     #[command(subcommand)]
     Sagas(sagas::SagaCommand),
+    /// Show a stream, tail the global order, erase a stream, store figures.
+    #[command(subcommand)]
+    Events(events::EventCommand),
+    /// Projections: status, pause, resume, skip a failing event, rebuild.
+    #[command(subcommand)]
+    Projections(projections::ProjectionCommand),
 }
 
 impl Command {
@@ -76,7 +84,10 @@ impl Command {
     /// `run` stops gracefully on SIGTERM/SIGINT; the other commands keep
     /// the default (exit at once).
     pub fn stops_on_signal(&self) -> bool {
-        matches!(self, Command::Run)
+        matches!(
+            self,
+            Command::Run | Command::Events(events::EventCommand::Tail { .. })
+        )
     }
 }
 
@@ -97,6 +108,13 @@ pub async fn dispatch(cli: Cli, config: Config, shutdown: CancellationToken) -> 
         }
         Command::Sagas(cmd) => {
             sagas::run(cmd, &connect(&config).await?, &config.sagas.schema).await
+        }
+        Command::Events(cmd) => {
+            events::run(cmd, &connect(&config).await?, &cli.schema, shutdown).await
+        }
+        Command::Projections(cmd) => {
+            let schema = &config.projections.schema;
+            projections::run(cmd, &connect(&config).await?, schema).await
         }
     }
 }

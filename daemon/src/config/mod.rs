@@ -1,6 +1,7 @@
 //! Configuration: a TOML file, overridden by environment variables, resolved
 //! once into a validated [`Config`]. One file per section (`database`,
-//! `kafka`, `relay`, `inbox`, `debezium`, `sagas`, `http`); each key is named once
+//! `kafka`, `relay`, `inbox`, `debezium`, `sagas`, `projections`, `http`);
+//! each key is named once
 //! ([`value::Keys`] derives its environment variable). Every key is
 //! documented in `config.example.toml`.
 
@@ -9,6 +10,7 @@ mod debezium;
 mod http;
 mod inbox;
 mod kafka;
+mod projections;
 mod relay;
 mod sagas;
 mod value;
@@ -24,6 +26,7 @@ use serde::Deserialize;
 
 pub use self::database::DatabaseConfig;
 pub use self::inbox::InboxConfig;
+pub use self::projections::ProjectionsConfig;
 pub use self::relay::RelayConfig;
 pub use self::sagas::SagasConfig;
 use self::value::Keys;
@@ -73,6 +76,8 @@ pub struct Config {
     pub debezium: Vec<DebeziumTable>,
     /// The saga orchestrator.
     pub sagas: SagasConfig,
+    /// The SQL projections run by the daemon.
+    pub projections: ProjectionsConfig,
     pub http_addr: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
@@ -94,6 +99,8 @@ struct RawConfig {
     debezium: Vec<debezium::RawDebezium>,
     #[serde(default)]
     sagas: sagas::RawSagas,
+    #[serde(default)]
+    projections: projections::RawProjections,
     #[serde(default)]
     http: http::RawHttp,
     #[serde(default)]
@@ -176,7 +183,15 @@ impl Config {
         let mut all = vec![SchemaName::kurier()];
         let inbox = self.inbox.iter().map(|i| &i.schema);
         let sagas = std::iter::once(&self.sagas.schema);
-        for s in self.relay.schemas.iter().chain(inbox).chain(sagas) {
+        let projections = std::iter::once(&self.projections.schema);
+        for s in self
+            .relay
+            .schemas
+            .iter()
+            .chain(inbox)
+            .chain(sagas)
+            .chain(projections)
+        {
             if !all.contains(s) {
                 all.push(s.clone());
             }
@@ -214,6 +229,7 @@ fn resolve(raw: RawConfig, env: &dyn Env, overrides: &Overrides) -> Result<Confi
         inbox: inbox::resolve(raw.inbox, &k)?,
         debezium: debezium::resolve(raw.debezium, &k, &relay.schemas)?,
         sagas: sagas::resolve(raw.sagas, &k)?,
+        projections: projections::resolve(raw.projections, &k)?,
         relay,
         http_addr: http::resolve(raw.http, &k, overrides.http_addr.clone())?,
         log_format: resolve_log_format(k.text("log.format", raw.log.format))?,

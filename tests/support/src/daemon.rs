@@ -83,3 +83,20 @@ pub fn example_bin(name: &str) -> std::path::PathBuf {
     );
     path
 }
+
+/// Runs `kurier ARGS` (`bin`: [`crate::kurier_bin!`]) against `database_url`;
+/// returns its stdout, panicking with its stderr when it fails.
+pub fn cli(bin: &str, database_url: &str, args: &[&str]) -> String {
+    let out = Command::new(bin)
+        .args(args)
+        .env_remove("KURIER_CONFIG")
+        .env("DATABASE_URL", database_url)
+        .output()
+        .expect("run kurier");
+    assert!(
+        out.status.success(),
+        "kurier {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}

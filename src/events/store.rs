@@ -1,0 +1,292 @@
+//! Every event-store query: the contract's functions
+//! (`migrations/0005_event_store.sql`) as the library and the daemon call them.
+
+use sqlx::{PgConnection, PgExecutor, PgPool};
+
+use super::{EventData, Expected, NewEvent, RecordedEvent};
+use crate::error::Error;
+use crate::schema::SchemaName;
+
+/// Appends `events` to `stream` on `conn`; returns the last one's version.
+pub async fn append(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    stream: &str,
+    expected: Expected,
+    events: &[NewEvent],
+) -> Result<i64, Error> {
+    let all_json = events.iter().all(|e| matches!(e.data, EventData::Json(_)));
+    let appended = match events {
+        [] => {
+            return Err(Error::InvalidMessage(format!(
+                "append to {stream}: no events given"
+            )))
+        }
+        [one] => append_one(&mut *conn, schema, stream, expected, one).await,
+        many if all_json => append_batch(&mut *conn, schema, stream, expected, many).await,
+        // Bytes have no batch form: the first append checks the version and
+        // locks the stream for this transaction, the others follow it.
+        [first, rest @ ..] => {
+            let mut last = append_one(&mut *conn, schema, stream, expected, first).await;
+            for e in rest {
+                if last.is_err() {
+                    break;
+                }
+                last = append_one(&mut *conn, schema, stream, Expected::Any, e).await;
+            }
+            last
+        }
+    };
+    appended.map_err(|e| conflict(e, stream))
+}
+
+async fn append_one(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    stream: &str,
+    expected: Expected,
+    e: &NewEvent,
+) -> Result<i64, sqlx::Error> {
+    let (function, json, bytes) = match &e.data {
+        EventData::Json(v) => ("append_event", Some(v), None),
+        EventData::Bytes(b) => ("append_event_bytes", None, Some(b.as_slice())),
+    };
+    let sql = format!("SELECT kurier.{function}($1, $2, $3, $4, $5, $6)");
+    let sql = schema.sql(&sql);
+    let query = sqlx::query_scalar(&sql).bind(stream).bind(&e.event_type);
+    let query = match function {
+        "append_event" => query.bind(json),
+        _ => query.bind(bytes),
+    };
+    query
+        .bind(&e.metadata)
+        .bind(expected.as_sql())
+        .bind(e.event_id)
+        .fetch_one(conn)
+        .await
+}
+
+async fn append_batch(
+    conn: &mut PgConnection,
+    schema: &SchemaName,
+    stream: &str,
+    expected: Expected,
+    events: &[NewEvent],
+) -> Result<i64, sqlx::Error> {
+    let batch: Vec<serde_json::Value> = events
+        .iter()
+        .map(|e| {
+            let EventData::Json(data) = &e.data else {
+                unreachable!("only JSON events are batched")
+            };
+            serde_json::json!({"type": e.event_type, "data": data, "metadata": e.metadata, "event_id": e.event_id})
+        })
+        .collect();
+    sqlx::query_scalar(&schema.sql("SELECT kurier.append_events($1, $2, $3)"))
+        .bind(stream)
+        .bind(expected.as_sql())
+        .bind(serde_json::Value::Array(batch))
+        .fetch_one(conn)
+        .await
+}
+
+/// KU409 as [`Error::VersionConflict`], read from the contract's message
+/// `kurier: stream S is at version V, expected E`.
+fn conflict(e: sqlx::Error, stream: &str) -> Error {
+    if let sqlx::Error::Database(db) = &e {
+        if db.code().as_deref() == Some("KU409") {
+            let msg = db.message();
+            let numbers = msg.rsplit_once(" is at version ").and_then(|(_, rest)| {
+                let (actual, expected) = rest.split_once(", expected ")?;
+                Some((actual.trim().parse().ok()?, expected.trim().parse().ok()?))
+            });
+            if let Some((actual, expected)) = numbers {
+                return Error::VersionConflict {
+                    stream: stream.to_owned(),
+                    expected,
+                    actual,
+                };
+            }
+        }
+    }
+    Error::Database(e)
+}
+
+pub async fn read_stream<'e, E: PgExecutor<'e>>(
+    executor: E,
+    schema: &SchemaName,
+    stream: &str,
+    from: i64,
+    max: i32,
+) -> Result<Vec<RecordedEvent>, Error> {
+    let events = sqlx::query_as(&schema.sql("SELECT * FROM kurier.read_stream($1, $2, $3)"))
+        .bind(stream)
+        .bind(from)
+        .bind(max)
+        .fetch_all(executor)
+        .await?;
+    Ok(events)
+}
+
+/// `kurier.read_all` (must run under READ COMMITTED, as a pool's connections do).
+pub async fn read_all<'e, E: PgExecutor<'e>>(
+    executor: E,
+    schema: &SchemaName,
+    after: i64,
+    max: i32,
+    category: Option<&str>,
+) -> Result<Vec<RecordedEvent>, Error> {
+    let events = sqlx::query_as(&schema.sql("SELECT * FROM kurier.read_all($1, $2, $3)"))
+        .bind(after)
+        .bind(max)
+        .bind(category)
+        .fetch_all(executor)
+        .await?;
+    Ok(events)
+}
+
+pub async fn stream_version<'e, E: PgExecutor<'e>>(
+    executor: E,
+    schema: &SchemaName,
+    stream: &str,
+) -> Result<Option<i64>, Error> {
+    let v: i64 = sqlx::query_scalar(&schema.sql("SELECT kurier.stream_version($1)"))
+        .bind(stream)
+        .fetch_one(executor)
+        .await?;
+    Ok((v >= 0).then_some(v))
+}
+
+pub async fn erase_stream(
+    pool: &PgPool,
+    schema: &SchemaName,
+    stream: &str,
+    reason: &str,
+) -> Result<i64, Error> {
+    let erased = sqlx::query_scalar(&schema.sql("SELECT kurier.erase_stream($1, $2)"))
+        .bind(stream)
+        .bind(reason)
+        .fetch_one(pool)
+        .await?;
+    Ok(erased)
+}
+
+/// A stream's latest snapshot.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Snapshot {
+    pub stream: String,
+    pub version: i64,
+    pub state: serde_json::Value,
+    pub schema_version: i32,
+}
+
+pub async fn save_snapshot<'e, E: PgExecutor<'e>>(
+    executor: E,
+    schema: &SchemaName,
+    snapshot: &Snapshot,
+) -> Result<bool, Error> {
+    let saved = sqlx::query_scalar(&schema.sql("SELECT kurier.save_snapshot($1, $2, $3, $4)"))
+        .bind(&snapshot.stream)
+        .bind(snapshot.version)
+        .bind(&snapshot.state)
+        .bind(snapshot.schema_version)
+        .fetch_one(executor)
+        .await?;
+    Ok(saved)
+}
+
+pub async fn load_snapshot<'e, E: PgExecutor<'e>>(
+    executor: E,
+    schema: &SchemaName,
+    stream: &str,
+) -> Result<Option<Snapshot>, Error> {
+    let snapshot = sqlx::query_as(
+        &schema.sql("SELECT stream, version, state, schema_version FROM kurier.load_snapshot($1)"),
+    )
+    .bind(stream)
+    .fetch_optional(executor)
+    .await?;
+    Ok(snapshot)
+}
+
+/// The version of `stream` at time `at` (the last event recorded at or
+/// before it); `None` when the stream had no event yet.
+pub async fn version_at<'e, E: PgExecutor<'e>>(
+    executor: E,
+    schema: &SchemaName,
+    stream: &str,
+    at: time::OffsetDateTime,
+) -> Result<Option<i64>, Error> {
+    let v = sqlx::query_scalar(
+        &schema
+            .sql("SELECT max(version) FROM kurier.events WHERE stream = $1 AND recorded_at <= $2"),
+    )
+    .bind(stream)
+    .bind(at)
+    .fetch_one(executor)
+    .await?;
+    Ok(v)
+}
+
+/// A transaction holding `read_all` back (it appended events and has not
+/// ended), from the view `kurier.event_horizon`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow)]
+pub struct HorizonHolder {
+    pub pid: Option<i32>,
+    pub application_name: Option<String>,
+    pub position: Option<i64>,
+    pub transaction_age_secs: Option<f64>,
+}
+
+pub async fn horizon(pool: &PgPool, schema: &SchemaName) -> Result<Vec<HorizonHolder>, Error> {
+    let holders = sqlx::query_as(&schema.sql(
+        "SELECT pid, application_name::text, position, extract(epoch FROM xact_age)::float8 AS transaction_age_secs \
+         FROM kurier.event_horizon ORDER BY position",
+    ))
+    .fetch_all(pool)
+    .await?;
+    Ok(holders)
+}
+
+/// Store-wide figures for `kurier events stats` and `/metrics`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow)]
+pub struct Stats {
+    pub streams: i64,
+    pub events: i64,
+    pub last_position: i64,
+    /// Committed events `read_all` cannot return yet (behind a holder).
+    pub unreadable_events: i64,
+    pub horizon_holders: i64,
+    pub oldest_holder_age_secs: Option<f64>,
+    pub erasures: i64,
+}
+
+pub async fn stats(pool: &PgPool, schema: &SchemaName) -> Result<Stats, Error> {
+    let stats = sqlx::query_as(&schema.sql(
+        "SELECT (SELECT count(*) FROM kurier.streams) AS streams, \
+                (SELECT count(*) FROM kurier.events) AS events, \
+                coalesce(h.last_position, 0) AS last_position, coalesce(h.unreadable_events, 0) AS unreadable_events, \
+                coalesce(h.holders, 0)::bigint AS horizon_holders, h.oldest_holder_age_seconds::float8 AS oldest_holder_age_secs, \
+                (SELECT count(*) FROM kurier.erasures) AS erasures \
+         FROM kurier.event_horizon_lag() h",
+    ))
+    .fetch_one(pool)
+    .await?;
+    Ok(stats)
+}
+
+/// How far `read_all` is held back, cheaply (for `/metrics`): (last position
+/// drawn, committed events not readable yet (capped at 1M), holders, the
+/// oldest holder's transaction age in seconds).
+pub async fn horizon_lag(
+    pool: &PgPool,
+    schema: &SchemaName,
+) -> Result<(i64, i64, i64, f64), Error> {
+    let lag = sqlx::query_as(&schema.sql(
+        "SELECT coalesce(last_position, 0), coalesce(unreadable_events, 0), coalesce(holders, 0)::bigint, \
+                coalesce(oldest_holder_age_seconds, 0)::float8 FROM kurier.event_horizon_lag()",
+    ))
+    .fetch_one(pool)
+    .await?;
+    Ok(lag)
+}

@@ -1,0 +1,599 @@
+//! The event store against the real PostgreSQL (and the broker, for what
+//! reaches Kafka through the outbox): versions and conflicts, idempotent
+//! retries, the gap-safe global order, the horizon, publication, snapshots,
+//! upcasting, temporal loads, erasure and crypto-shredding.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kurier::events::aggregate::stream_of;
+use kurier::events::shredding::{Revealed, Shredder};
+use kurier::events::{Aggregate, AsOf, DomainEvent, EventStore, Expected, NewEvent};
+use kurier::{Error, SchemaName};
+use kurier_test_support::*;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
+
+fn store(pool: &PgPool) -> EventStore {
+    EventStore::new(pool.clone())
+}
+
+fn ev(n: usize) -> NewEvent {
+    NewEvent::json("Counted", json!({ "n": n }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appenders_on_one_stream_have_one_winner_per_version() {
+    let db = fresh_db().await;
+    let es = store(&db.pool);
+    let stream = "account-1";
+    let stored: Arc<std::sync::Mutex<Vec<(Uuid, i64)>>> = Default::default();
+    let conflicts = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (es, stored, conflicts) = (es.clone(), stored.clone(), conflicts.clone());
+        tasks.push(tokio::spawn(async move {
+            for n in 0..25 {
+                let version = es.stream_version(stream).await.unwrap();
+                let expected = version.map_or(Expected::NoStream, |v| Expected::Exact(v as u64));
+                let e = ev(n);
+                match es.append(stream, expected, std::slice::from_ref(&e)).await {
+                    Ok(v) => stored.lock().unwrap().push((e.event_id, v)),
+                    Err(Error::VersionConflict {
+                        actual,
+                        expected: exp,
+                        ..
+                    }) => {
+                        assert_ne!(actual, exp, "a conflict names two different versions");
+                        conflicts.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => panic!("append: {e}"),
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let winners = stored.lock().unwrap().clone();
+    assert!(
+        conflicts.load(Ordering::Relaxed) > 0,
+        "8 writers on one stream never conflicted"
+    );
+    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT event_id, version FROM kurier.events WHERE stream = $1 ORDER BY version",
+    )
+    .bind(stream)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    // No gaps, no duplicates; exactly the reported successes are stored, at their versions.
+    let versions: Vec<i64> = rows.iter().map(|r| r.1).collect();
+    assert_eq!(versions, (0..rows.len() as i64).collect::<Vec<_>>());
+    let mut reported = winners.clone();
+    reported.sort_by_key(|r| r.1);
+    assert_eq!(
+        rows, reported,
+        "stored events differ from the successes reported"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_append_stores_one_copy_and_an_id_belongs_to_one_stream() {
+    let db = fresh_db().await;
+    let es = store(&db.pool);
+    let e = ev(1);
+    let v = es
+        .append("order-1", Expected::NoStream, std::slice::from_ref(&e))
+        .await
+        .unwrap();
+    // The commit reply was "lost": the same append again, same expectation.
+    let again = es
+        .append("order-1", Expected::NoStream, std::slice::from_ref(&e))
+        .await
+        .unwrap();
+    assert_eq!((v, again), (0, 0));
+    assert_eq!(es.read_stream("order-1", 0, 10).await.unwrap().len(), 1);
+    let err = es.append("order-2", Expected::Any, &[e]).await.unwrap_err();
+    assert_eq!(err.sqlstate().as_deref(), Some("KU422"), "{err}");
+    // Expected versions: -1 on an existing stream, N on another version.
+    let err = es
+        .append("order-1", Expected::NoStream, &[ev(2)])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::VersionConflict {
+                expected: -1,
+                actual: 0,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = es
+        .append("order-1", Expected::Exact(3), &[ev(2)])
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("order-1 is at version 0, expected 3"),
+        "{err}"
+    );
+    assert_eq!(es.stream_version("order-1").await.unwrap(), Some(0));
+    assert_eq!(es.stream_version("order-3").await.unwrap(), None);
+}
+
+/// Writers that hold their transactions open for a while (some roll back)
+/// while a reader keeps only its last position: it sees every committed
+/// event once, in ascending order, none of the rolled-back ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_keeping_its_last_position_never_misses_a_late_commit() {
+    use rand::{Rng, SeedableRng};
+    let db = fresh_db().await;
+    let done = tokio_util::sync::CancellationToken::new();
+    let reader = {
+        let (pool, done) = (db.pool.clone(), done.clone());
+        tokio::spawn(async move {
+            let es = store(&pool);
+            let (mut last, mut seen) = (0i64, Vec::new());
+            loop {
+                let finished = done.is_cancelled();
+                let page = es.read_all(last, 100, None).await.unwrap();
+                if let Some(e) = page.last() {
+                    last = e.global_position;
+                }
+                seen.extend(page.iter().map(|e| (e.global_position, e.event_id)));
+                if finished && page.is_empty() {
+                    return seen;
+                }
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        })
+    };
+    let mut writers = Vec::new();
+    for w in 0..6 {
+        let pool = db.pool.clone();
+        writers.push(tokio::spawn(async move {
+            let es = store(&pool);
+            let mut rng = rand::rngs::StdRng::from_os_rng();
+            let (mut committed, mut rolled_back) = (Vec::new(), Vec::new());
+            for i in 0..40 {
+                let mut tx = pool.begin().await.unwrap();
+                let events: Vec<NewEvent> =
+                    (0..rng.random_range(1..=3)).map(|n| ev(n + i)).collect();
+                let stream = format!("w{w}-{}", rng.random_range(0..4));
+                es.append_on(&mut tx, &stream, Expected::Any, &events)
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(rng.random_range(0..60))).await;
+                let ids = events.iter().map(|e| e.event_id);
+                if rng.random_bool(0.2) {
+                    tx.rollback().await.unwrap();
+                    rolled_back.extend(ids);
+                } else {
+                    tx.commit().await.unwrap();
+                    committed.extend(ids);
+                }
+            }
+            (committed, rolled_back)
+        }));
+    }
+    let (mut committed, mut rolled_back) = (HashSet::new(), HashSet::new());
+    for w in writers {
+        let (c, r) = w.await.unwrap();
+        committed.extend(c);
+        rolled_back.extend(r);
+    }
+    done.cancel();
+    let seen = reader.await.unwrap();
+    let positions: Vec<i64> = seen.iter().map(|s| s.0).collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "positions not strictly ascending"
+    );
+    let ids: HashSet<Uuid> = seen.iter().map(|s| s.1).collect();
+    assert_eq!(ids.len(), seen.len(), "an event was read twice");
+    assert!(
+        ids.is_disjoint(&rolled_back),
+        "a rolled-back event was read"
+    );
+    let missed = committed.difference(&ids).count();
+    assert_eq!(missed, 0, "the reader missed {missed} committed events");
+    assert!(committed.len() > 100 && !rolled_back.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_commit_holds_back_only_what_follows_it_and_idle_sessions_hold_nothing() {
+    let db = fresh_db().await;
+    let es = store(&db.pool);
+    es.append("a-1", Expected::Any, &[ev(0)]).await.unwrap();
+    // An idle transaction that never touched the event tables, here and in
+    // another database: it holds the cluster's xmin, not read_all.
+    let mut idle_here = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::raw_sql("BEGIN; SELECT txid_current();")
+        .execute(&mut idle_here)
+        .await
+        .unwrap();
+    let other = fresh_empty_db().await;
+    let mut idle_there = PgConnection::connect(&other).await.unwrap();
+    sqlx::raw_sql("BEGIN; SELECT txid_current();")
+        .execute(&mut idle_there)
+        .await
+        .unwrap();
+    // T1 appends and stays open; T2 appends after it and commits.
+    let mut t1 = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("SET application_name = 'slow-writer'")
+        .execute(&mut t1)
+        .await
+        .unwrap();
+    let mut tx1 = t1.begin().await.unwrap();
+    es.append_on(&mut tx1, "a-2", Expected::Any, &[ev(1)])
+        .await
+        .unwrap();
+    es.append("a-3", Expected::Any, &[ev(2)]).await.unwrap();
+    let first = es.read_all(0, 100, None).await.unwrap();
+    let streams: Vec<&str> = first.iter().map(|e| e.stream.as_str()).collect();
+    assert_eq!(
+        streams,
+        ["a-1"],
+        "read_all went past an open append (or was held by an idle session)"
+    );
+    let holders = kurier::events::store::horizon(&db.pool, &SchemaName::kurier())
+        .await
+        .unwrap();
+    assert_eq!(holders.len(), 1, "{holders:?}");
+    assert_eq!(holders[0].application_name.as_deref(), Some("slow-writer"));
+    assert!(holders[0].pid.is_some() && holders[0].transaction_age_secs.is_some());
+    tx1.commit().await.unwrap();
+    let rest = es
+        .read_all(first[0].global_position, 100, None)
+        .await
+        .unwrap();
+    let streams: Vec<&str> = rest.iter().map(|e| e.stream.as_str()).collect();
+    assert_eq!(
+        streams,
+        ["a-2", "a-3"],
+        "after T1 commits, its event comes first"
+    );
+    drop((idle_here, idle_there));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_append_stores_and_publishes_nothing() {
+    let db = fresh_db().await;
+    let es = store(&db.pool);
+    let mut tx = db.pool.begin().await.unwrap();
+    es.append_on(&mut tx, "cart-1", Expected::NoStream, &[ev(0)])
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(es.stream_version("cart-1").await.unwrap(), None);
+    assert!(es.read_all(0, 10, None).await.unwrap().is_empty());
+    assert_eq!(outbox_count(&db.pool).await, 0);
+}
+
+/// Appended events reach Kafka through the outbox: topic = the category,
+/// key = the stream, `message-id` = the event id, type and version headers,
+/// a metadata `traceparent` passed through; per stream in version order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appended_events_are_published_in_version_order_with_their_headers() {
+    let (db, brokers) = (fresh_db().await, brokers());
+    let category = unique("orders").replace('-', "_");
+    create_topic(&brokers, &category, 3).await;
+    let relay = start_in_process(config(&db.url, &brokers, "")).await;
+    let es = store(&db.pool);
+    let stream = format!("{category}-42");
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let events: Vec<NewEvent> = (0..5)
+        .map(|n| ev(n).metadata(json!({"traceparent": traceparent})))
+        .collect();
+    es.append(&stream, Expected::NoStream, &events)
+        .await
+        .unwrap();
+    let recs = read_until(&brokers, &category, Duration::from_secs(30), |r| {
+        r.len() >= 5
+    });
+    relay.stop().await;
+    let mut recs: Vec<&Rec> = recs.iter().collect();
+    recs.sort_by_key(|r| (r.partition, r.offset));
+    for (n, r) in recs.iter().enumerate() {
+        assert_eq!(r.key.as_deref(), Some(stream.as_str()));
+        assert_eq!(r.message_id(), events[n].event_id.to_string());
+        assert_eq!(r.header("event-type"), Some("Counted"));
+        assert_eq!(r.header("stream-version"), Some(n.to_string().as_str()));
+        assert_eq!(r.header("traceparent"), Some(traceparent));
+        assert_eq!(r.json(), json!({"n": n}));
+    }
+}
+
+// ---- an aggregate -----------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+enum AccountEvent {
+    Opened {
+        owner: String,
+    },
+    /// Version 1 stored `amount`; version 2 `cents`.
+    Deposited {
+        cents: i64,
+    },
+}
+
+impl DomainEvent for AccountEvent {
+    fn schema_version(t: &str) -> u32 {
+        if t == "Deposited" {
+            2
+        } else {
+            1
+        }
+    }
+    fn upcast(t: &str, version: u32, mut data: serde_json::Value) -> serde_json::Value {
+        if t == "Deposited" && version == 1 {
+            data = json!({ "cents": data["amount"].as_i64().unwrap_or(0) * 100 });
+        }
+        data
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+struct Account {
+    owner: Option<String>,
+    balance: i64,
+    deposits: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    #[error("no such account")]
+    NotOpen,
+}
+
+enum AccountCommand {
+    Open(String),
+    Deposit(i64),
+}
+
+impl Aggregate for Account {
+    type Event = AccountEvent;
+    type Command = AccountCommand;
+    type Rejection = Refused;
+    fn category() -> &'static str {
+        "account"
+    }
+    fn apply(&mut self, e: &AccountEvent) {
+        match e {
+            AccountEvent::Opened { owner } => self.owner = Some(owner.clone()),
+            AccountEvent::Deposited { cents } => {
+                self.balance += cents;
+                self.deposits += 1;
+            }
+        }
+    }
+    fn decide(&self, c: &AccountCommand) -> Result<Vec<AccountEvent>, Refused> {
+        match c {
+            AccountCommand::Open(owner) if self.owner.is_none() => Ok(vec![AccountEvent::Opened {
+                owner: owner.clone(),
+            }]),
+            AccountCommand::Open(_) => Ok(vec![]),
+            AccountCommand::Deposit(_) if self.owner.is_none() => Err(Refused::NotOpen),
+            AccountCommand::Deposit(cents) => Ok(vec![AccountEvent::Deposited { cents: *cents }]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_plus_replay_equals_full_replay_and_conflicts_are_retried() {
+    let db = fresh_db().await;
+    let es = store(&db.pool);
+    let refused = es
+        .execute::<Account>("7", &AccountCommand::Deposit(5), 3)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("no such account"), "{refused}");
+    es.execute::<Account>("7", &AccountCommand::Open("ada".into()), 3)
+        .await
+        .unwrap();
+    for cents in 1..=30 {
+        es.execute::<Account>("7", &AccountCommand::Deposit(cents), 3)
+            .await
+            .unwrap();
+        if cents == 17 {
+            let loaded = es.load::<Account>("7").await.unwrap();
+            assert!(es.save_snapshot("7", &loaded).await.unwrap());
+        }
+    }
+    let (snap, full) = (
+        es.load::<Account>("7").await.unwrap(),
+        es.replay::<Account>("7").await.unwrap(),
+    );
+    assert_eq!(snap, full);
+    assert_eq!(
+        (full.state.balance, full.state.deposits, full.version),
+        (465, 30, Some(30))
+    );
+    // The snapshot was used: breaking it shows up in load, not in replay.
+    sqlx::query("UPDATE kurier.snapshots SET state = jsonb_set(state, '{balance}', '0')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert_ne!(es.load::<Account>("7").await.unwrap().state.balance, 465);
+    // As of version 5: opened and four deposits (1+2+3+4).
+    let past = es
+        .load_as_of::<Account>("7", AsOf::Version(4))
+        .await
+        .unwrap();
+    assert_eq!((past.state.balance, past.version), (10, Some(4)));
+    // Concurrent executes on one account: each lands, conflicts are retried.
+    let runs: Vec<_> = (0..6)
+        .map(|_| {
+            let es = es.clone();
+            tokio::spawn(async move {
+                es.execute::<Account>("7", &AccountCommand::Deposit(1), 20)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut conflicts = 0;
+    for r in runs {
+        conflicts += r.await.unwrap().conflicts;
+    }
+    assert_eq!(es.replay::<Account>("7").await.unwrap().state.deposits, 36);
+    eprintln!("6 concurrent executes met {conflicts} conflicts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_events_are_upcast_on_read_and_temporal_loads_see_the_past() {
+    let db = fresh_db().await;
+    let es = store(&db.pool);
+    let stream = stream_of::<Account>("9");
+    // Written by an older version of the service (any language), in SQL.
+    sqlx::query("SELECT kurier.append_event($1, 'Opened', '{\"owner\": \"bob\"}', '{\"schema_version\": 1}')")
+        .bind(&stream)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "SELECT kurier.append_event($1, 'Deposited', '{\"amount\": 3}', '{\"schema_version\": 1}')",
+    )
+    .bind(&stream)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let before_new = time::OffsetDateTime::now_utc();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    es.execute::<Account>("9", &AccountCommand::Deposit(50), 3)
+        .await
+        .unwrap();
+    let now = es.load::<Account>("9").await.unwrap();
+    assert_eq!(
+        (now.state.balance, now.state.deposits),
+        (350, 2),
+        "v1 amount 3 = 300 cents"
+    );
+    let stored: serde_json::Value =
+        sqlx::query_scalar("SELECT metadata FROM kurier.events WHERE stream = $1 AND version = 2")
+            .bind(&stream)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored["schema_version"], 2);
+    let then = es
+        .load_as_of::<Account>("9", AsOf::Time(before_new))
+        .await
+        .unwrap();
+    assert_eq!((then.state.balance, then.version), (300, Some(1)));
+}
+
+/// Erasure removes the stream for good, tells read models (a StreamErased
+/// marker) and Kafka (a tombstone for the key), and readers carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erased_stream_is_gone_with_a_marker_a_tombstone_and_readers_unharmed() {
+    let (db, brokers) = (fresh_db().await, brokers());
+    let category = unique("person").replace('-', "_");
+    create_topic(&brokers, &category, 1).await;
+    let es = store(&db.pool);
+    let (alice, bob) = (format!("{category}-alice"), format!("{category}-bob"));
+    es.append(&alice, Expected::Any, &[ev(1), ev(2)])
+        .await
+        .unwrap();
+    es.append(&bob, Expected::Any, &[ev(3)]).await.unwrap();
+    let reader_at = es.read_all(0, 1, None).await.unwrap()[0].global_position;
+    let erased = es.erase_stream(&alice, "GDPR request 17").await.unwrap();
+    assert_eq!(erased, 2);
+    es.append(&bob, Expected::Any, &[ev(4)]).await.unwrap();
+    let left: Vec<(String, String)> = es
+        .read_all(reader_at, 100, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.stream, e.event_type))
+        .collect();
+    assert_eq!(
+        left,
+        [
+            (bob.clone(), "Counted".into()),
+            (alice.clone(), "StreamErased".into()),
+            (bob.clone(), "Counted".into())
+        ],
+        "a reader past the erased events carries on"
+    );
+    let erasures: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM kurier.erasures WHERE stream = $1 AND reason = 'GDPR request 17'",
+    )
+    .bind(&alice)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(erasures, 1);
+    // What reaches Kafka: the erased events were never published (their
+    // outbox rows went with them), then the marker, then a tombstone.
+    let relay = start_in_process(config(&db.url, &brokers, "")).await;
+    let recs = read_until(&brokers, &category, Duration::from_secs(30), |r| {
+        r.len() >= 4
+    });
+    relay.stop().await;
+    let for_alice: Vec<(Option<String>, bool)> = recs
+        .iter()
+        .filter(|r| r.key.as_deref() == Some(alice.as_str()))
+        .map(|r| (r.header("event-type").map(str::to_owned), r.value.is_none()))
+        .collect();
+    assert_eq!(
+        for_alice,
+        [(Some("StreamErased".into()), false), (None, true)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_forgetting_a_subject_its_data_cannot_be_decrypted_anywhere() {
+    let (db, brokers) = (fresh_db().await, brokers());
+    let category = unique("customer").replace('-', "_");
+    create_topic(&brokers, &category, 1).await;
+    let es = store(&db.pool);
+    let shredder = Shredder::new(db.pool.clone(), SchemaName::kurier());
+    let email = json!("ada@example.com");
+    let sealed = shredder.encrypt("customer-ada", &email).await.unwrap();
+    let stream = format!("{category}-ada");
+    es.append(
+        &stream,
+        Expected::Any,
+        &[NewEvent::json("Registered", json!({"email": sealed}))],
+    )
+    .await
+    .unwrap();
+    let relay = start_in_process(config(&db.url, &brokers, "")).await;
+    let recs = read_until(&brokers, &category, Duration::from_secs(30), |r| {
+        !r.is_empty()
+    });
+    relay.stop().await;
+    let in_kafka = recs[0].json()["email"].clone();
+    assert!(!recs[0].json().to_string().contains("ada@example.com"));
+    assert_eq!(
+        shredder.decrypt(&in_kafka).await.unwrap(),
+        Revealed::Value(email.clone())
+    );
+    assert!(shredder.forget("customer-ada").await.unwrap());
+    let in_table = es.read_stream(&stream, 0, 1).await.unwrap()[0]
+        .data
+        .clone()
+        .unwrap()["email"]
+        .clone();
+    for copy in [in_table, in_kafka] {
+        assert_eq!(
+            shredder.decrypt(&copy).await.unwrap(),
+            Revealed::Forgotten {
+                subject: "customer-ada".into()
+            }
+        );
+    }
+    // No new key for a forgotten subject.
+    let err = shredder.encrypt("customer-ada", &email).await.unwrap_err();
+    assert_eq!(err.sqlstate().as_deref(), Some("KU410"), "{err}");
+}

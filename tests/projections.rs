@@ -5,7 +5,6 @@
 //! a read model in another service fed through outbox → Kafka → inbox.
 
 use std::collections::HashSet;
-use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -106,10 +105,10 @@ async fn status_of(pool: &PgPool, name: &str) -> store::Status {
         .unwrap_or_else(|| panic!("no projection {name}"))
 }
 
-fn daemon(db: &TestDb, app: &str) -> Child {
+fn daemon(db: &TestDb, app: &str) -> Killed {
     let mut url = url::Url::parse(&db.url).unwrap();
     url.query_pairs_mut().append_pair("application_name", app);
-    spawn_binary(
+    Killed(spawn_binary(
         kurier_bin!(),
         &["run"],
         &[
@@ -119,7 +118,7 @@ fn daemon(db: &TestDb, app: &str) -> Child {
             ("KURIER_PROJECTIONS_POLL_INTERVAL_MS", "20"),
             ("KURIER_PROJECTIONS_BATCH_SIZE", "500"),
         ],
-    )
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,13 +131,12 @@ async fn a_daemon_killed_mid_batch_again_and_again_applies_every_event_once() {
     let mut child = daemon(&db, "counts-a");
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(1300)).await;
-        signal(&child, "KILL");
-        let _ = child.wait();
+        signal(&child.0, "KILL");
+        let _ = child.0.wait();
         child = daemon(&db, "counts-a");
     }
     wait_caught_up(&db.pool, "counts", Duration::from_secs(120)).await;
-    signal(&child, "KILL");
-    let _ = child.wait();
+    drop(child);
     assert_applied_once(&db.pool, &ids).await;
     let st = status_of(&db.pool, "counts").await;
     assert_eq!((st.status.as_str(), st.events_behind), ("running", 0));
@@ -150,6 +148,7 @@ async fn runner_of(pool: &PgPool, name: &str) -> Option<String> {
     sqlx::query_scalar(
         "SELECT a.application_name::text FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
          WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
            AND ((l.classid::bigint << 32) | l.objid::bigint) = $1",
     )
     .bind(key)
@@ -171,7 +170,9 @@ async fn two_daemons_run_a_projection_once_and_the_other_takes_over_after_a_kill
         .expect("one daemon holds the lock");
     // Exactly one holder while both run.
     let holders: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND ((classid::bigint << 32) | objid::bigint) = $1",
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 \
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND ((classid::bigint << 32) | objid::bigint) = $1",
     )
     .bind(store::runner_lock(&SchemaName::kurier(), "counts"))
     .fetch_one(&db.pool)
@@ -183,18 +184,15 @@ async fn two_daemons_run_a_projection_once_and_the_other_takes_over_after_a_kill
     } else {
         (&mut b, "daemon-a")
     };
-    signal(victim, "KILL");
-    let _ = victim.wait();
+    signal(&victim.0, "KILL");
+    let _ = victim.0.wait();
     ids.extend(append_many(&db.pool, 5, 100, json!({})).await);
     wait_caught_up(&db.pool, "counts", Duration::from_secs(60)).await;
     assert_eq!(
         runner_of(&db.pool, "counts").await.as_deref(),
         Some(survivor)
     );
-    for c in [&mut a, &mut b] {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    drop((a, b));
     assert_applied_once(&db.pool, &ids).await;
 }
 
@@ -234,7 +232,7 @@ async fn a_poison_event_parks_the_projection_and_resume_or_skip_move_on() {
             .fetch_one(&db.pool)
             .await
             .unwrap();
-    let mut child = daemon(&db, "poison");
+    let child = daemon(&db, "poison");
     let deadline = Instant::now() + Duration::from_secs(60);
     while status_of(&db.pool, "counts").await.status != "parked" {
         assert!(Instant::now() < deadline, "never parked");
@@ -313,9 +311,7 @@ async fn a_poison_event_parks_the_projection_and_resume_or_skip_move_on() {
         .await
         .unwrap();
     assert_eq!(skipped, 1, "the skip is recorded");
-    signal(&child, "KILL");
-    let _ = child.wait();
-    child.kill().ok();
+    drop(child);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -342,7 +338,7 @@ async fn a_rebuild_equals_the_incremental_model_blue_green_builds_beside_and_era
         .execute(&db.pool)
         .await
         .unwrap();
-    let mut child = daemon(&db, "rebuild");
+    let child = daemon(&db, "rebuild");
     append_many(&db.pool, 20, 50, json!({})).await;
     wait_caught_up(&db.pool, "totals_v1", Duration::from_secs(60)).await;
     let model = |t: &'static str| {
@@ -387,8 +383,7 @@ async fn a_rebuild_equals_the_incremental_model_blue_green_builds_beside_and_era
             "{t} still holds order-3"
         );
     }
-    signal(&child, "KILL");
-    let _ = child.wait();
+    drop(child);
 }
 
 /// A Rust projection in the service's process: per stream, the events seen.

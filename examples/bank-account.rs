@@ -27,15 +27,26 @@ use tokio_util::sync::CancellationToken;
 #[serde(tag = "type", content = "data")]
 enum AccountEvent {
     /// `email` is sealed with the owner's key (crypto-shredding).
-    Opened { owner: String, email: serde_json::Value },
+    Opened {
+        owner: String,
+        email: serde_json::Value,
+    },
     /// Version 1 stored whole euros as `amount`; version 2 stores `cents`.
-    Deposited { cents: i64 },
-    Withdrawn { cents: i64 },
+    Deposited {
+        cents: i64,
+    },
+    Withdrawn {
+        cents: i64,
+    },
 }
 
 impl DomainEvent for AccountEvent {
     fn schema_version(event_type: &str) -> u32 {
-        if event_type == "Deposited" { 2 } else { 1 }
+        if event_type == "Deposited" {
+            2
+        } else {
+            1
+        }
     }
     fn upcast(event_type: &str, version: u32, data: serde_json::Value) -> serde_json::Value {
         match (event_type, version) {
@@ -60,7 +71,10 @@ enum Refused {
 }
 
 enum Command {
-    Open { owner: String, email: serde_json::Value },
+    Open {
+        owner: String,
+        email: serde_json::Value,
+    },
     Deposit(i64),
     Withdraw(i64),
 }
@@ -81,11 +95,16 @@ impl Aggregate for Account {
     }
     fn decide(&self, c: &Command) -> Result<Vec<AccountEvent>, Refused> {
         match (c, &self.owner) {
-            (Command::Open { owner, email }, None) => Ok(vec![AccountEvent::Opened { owner: owner.clone(), email: email.clone() }]),
+            (Command::Open { owner, email }, None) => Ok(vec![AccountEvent::Opened {
+                owner: owner.clone(),
+                email: email.clone(),
+            }]),
             (Command::Open { .. }, Some(_)) => Ok(vec![]),
             (_, None) => Err(Refused::NotOpen),
             (Command::Deposit(cents), _) => Ok(vec![AccountEvent::Deposited { cents: *cents }]),
-            (Command::Withdraw(cents), _) if *cents > self.balance => Err(Refused::Insufficient(self.balance)),
+            (Command::Withdraw(cents), _) if *cents > self.balance => {
+                Err(Refused::Insufficient(self.balance))
+            }
             (Command::Withdraw(cents), _) => Ok(vec![AccountEvent::Withdrawn { cents: *cents }]),
         }
     }
@@ -101,15 +120,30 @@ impl Projection for Balances {
     fn categories(&self) -> Option<Vec<String>> {
         Some(vec!["account".into()])
     }
-    fn apply<'a>(&'a self, tx: &'a mut PgConnection, e: &'a RecordedEvent) -> BoxFuture<'a, Result<(), HandlerError>> {
+    fn apply<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        e: &'a RecordedEvent,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             let delta = match e.event_type.as_str() {
                 "StreamErased" => {
-                    sqlx::query("DELETE FROM example_balances WHERE stream = $1").bind(&e.stream).execute(tx).await?;
+                    sqlx::query("DELETE FROM example_balances WHERE stream = $1")
+                        .bind(&e.stream)
+                        .execute(tx)
+                        .await?;
                     return Ok(());
                 }
-                "Deposited" => e.data.as_ref().and_then(|d| d["cents"].as_i64().or(d["amount"].as_i64().map(|a| a * 100))),
-                "Withdrawn" => e.data.as_ref().and_then(|d| d["cents"].as_i64()).map(|c| -c),
+                "Deposited" => e.data.as_ref().and_then(|d| {
+                    d["cents"]
+                        .as_i64()
+                        .or(d["amount"].as_i64().map(|a| a * 100))
+                }),
+                "Withdrawn" => e
+                    .data
+                    .as_ref()
+                    .and_then(|d| d["cents"].as_i64())
+                    .map(|c| -c),
                 _ => Some(0),
             };
             sqlx::query("INSERT INTO example_balances VALUES ($1, $2) ON CONFLICT (stream) DO UPDATE SET cents = example_balances.cents + $2")
@@ -135,25 +169,50 @@ async fn main() -> anyhow::Result<()> {
     sqlx::query("CREATE TABLE IF NOT EXISTS example_balances (stream text PRIMARY KEY, cents bigint NOT NULL)")
         .execute(&pool)
         .await?;
-    let (es, shredder) = (EventStore::new(pool.clone()), Shredder::new(pool.clone(), SchemaName::kurier()));
+    let (es, shredder) = (
+        EventStore::new(pool.clone()),
+        Shredder::new(pool.clone(), SchemaName::kurier()),
+    );
     let id = uuid::Uuid::new_v4().simple().to_string();
     let subject = format!("customer-{id}");
 
-    let email = shredder.encrypt(&subject, &json!("ada@example.com")).await?;
-    es.execute::<Account>(&id, &Command::Open { owner: "Ada".into(), email }, 5).await?;
+    let email = shredder
+        .encrypt(&subject, &json!("ada@example.com"))
+        .await?;
+    es.execute::<Account>(
+        &id,
+        &Command::Open {
+            owner: "Ada".into(),
+            email,
+        },
+        5,
+    )
+    .await?;
     for cents in [1000, 2500, 400] {
-        es.execute::<Account>(&id, &Command::Deposit(cents), 5).await?;
+        es.execute::<Account>(&id, &Command::Deposit(cents), 5)
+            .await?;
     }
-    let refused = es.execute::<Account>(&id, &Command::Withdraw(1_000_000), 5).await.unwrap_err();
+    let refused = es
+        .execute::<Account>(&id, &Command::Withdraw(1_000_000), 5)
+        .await
+        .unwrap_err();
     println!("withdraw 10,000.00 refused: {refused}");
     let now = es.load::<Account>(&id).await?;
     es.save_snapshot(&id, &now).await?;
-    es.execute::<Account>(&id, &Command::Withdraw(900), 5).await?;
+    es.execute::<Account>(&id, &Command::Withdraw(900), 5)
+        .await?;
     let then = es.load_as_of::<Account>(&id, AsOf::Version(2)).await?;
     let now = es.load::<Account>(&id).await?;
-    println!("stream {}: balance {} cents at version 2, {} now (version {:?})", stream_of::<Account>(&id), then.state.balance, now.state.balance, now.version);
+    println!(
+        "stream {}: balance {} cents at version 2, {} now (version {:?})",
+        stream_of::<Account>(&id),
+        then.state.balance,
+        now.state.balance,
+        now.version
+    );
 
-    let runner = ProjectionRunner::new(pool.clone(), Balances).poll_interval(Duration::from_millis(20));
+    let runner =
+        ProjectionRunner::new(pool.clone(), Balances).poll_interval(Duration::from_millis(20));
     let cancel = CancellationToken::new();
     let run = tokio::spawn({
         let cancel = cancel.clone();
@@ -165,19 +224,27 @@ async fn main() -> anyhow::Result<()> {
 
     let opened = es.read_stream(&stream, 0, 1).await?.remove(0);
     let sealed = opened.data.unwrap_or_default()["email"].clone();
-    println!("email as stored: {}", shredder.decrypt(&sealed).await.map(|r| format!("{r:?}"))?);
+    println!(
+        "email as stored: {}",
+        shredder.decrypt(&sealed).await.map(|r| format!("{r:?}"))?
+    );
     shredder.forget(&subject).await?;
     match shredder.decrypt(&sealed).await? {
-        Revealed::Forgotten { subject } => println!("after forget_subject({subject}): the email is gone from every copy"),
+        Revealed::Forgotten { subject } => {
+            println!("after forget_subject({subject}): the email is gone from every copy")
+        }
         Revealed::Value(v) => anyhow::bail!("still readable: {v}"),
     }
 
-    let erased = es.erase_stream(&stream, "customer asked to be forgotten").await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let left: Option<i64> = sqlx::query_scalar("SELECT cents FROM example_balances WHERE stream = $1")
-        .bind(&stream)
-        .fetch_optional(&pool)
+    let erased = es
+        .erase_stream(&stream, "customer asked to be forgotten")
         .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let left: Option<i64> =
+        sqlx::query_scalar("SELECT cents FROM example_balances WHERE stream = $1")
+            .bind(&stream)
+            .fetch_optional(&pool)
+            .await?;
     println!("erased {erased} events; read model row after the StreamErased marker: {left:?}");
     cancel.cancel();
     run.await??;
@@ -186,10 +253,11 @@ async fn main() -> anyhow::Result<()> {
 
 async fn wait_for_balance(pool: &PgPool, stream: &str) -> anyhow::Result<i64> {
     for _ in 0..200 {
-        let cents: Option<i64> = sqlx::query_scalar("SELECT cents FROM example_balances WHERE stream = $1")
-            .bind(stream)
-            .fetch_optional(pool)
-            .await?;
+        let cents: Option<i64> =
+            sqlx::query_scalar("SELECT cents FROM example_balances WHERE stream = $1")
+                .bind(stream)
+                .fetch_optional(pool)
+                .await?;
         if cents == Some(3000) {
             return Ok(3000);
         }

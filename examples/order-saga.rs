@@ -182,7 +182,7 @@ async fn participant(pool: PgPool, prefix: &str, role: Role) -> anyhow::Result<(
     let topics: Vec<String> = std::iter::once(command).chain(undo).collect();
     let toml = format!(
         "[relay]\nschemas = [\"{schema}\"]\n[inbox]\nschema = \"{schema}\"\nconsumer = \"{schema}\"\ntopics = {topics:?}\n\
-         [inbox.properties]\n\"session.timeout.ms\" = 6000\n\"max.poll.interval.ms\" = 15000\n\"topic.metadata.refresh.interval.ms\" = 5000\n\
+         [inbox.properties]\n\"session.timeout.ms\" = 6000\n\"max.poll.interval.ms\" = 15000\n\"topic.metadata.refresh.interval.ms\" = 5000\n\"fetch.wait.max.ms\" = 20\n\
          [sagas]\nenabled = false\n"
     );
     let mut config = Config::from_toml(&toml, &ProcessEnv, &Overrides::default())?;

@@ -1034,3 +1034,7 @@ BEGIN
     RETURN kurier._saga_save(v_s);
 END;
 $$;
+
+-- Due timers are found by walking saga_timers_due in order, whatever the
+-- statistics say (without them the planner may sort the whole backlog).
+ALTER FUNCTION kurier.saga_fire_timers(integer) SET enable_sort = off;

@@ -112,6 +112,21 @@ async fn schema_rights(
     if config.inbox.as_ref().is_some_and(|i| &i.schema == schema) {
         tables.extend(["inbox", "inbox_stats"]);
     }
+    if config.sagas.enabled && &config.sagas.schema == schema {
+        tables.extend([
+            "sagas",
+            "saga_types",
+            "saga_events",
+            "saga_timers",
+            "inbox",
+            "outbox",
+        ]);
+    }
+    if config.projections.enabled && &config.projections.schema == schema {
+        tables.extend(["projections", "projection_events"]);
+    }
+    tables.sort_unstable();
+    tables.dedup();
     match kurier::schema::missing_rights(conn, schema, &tables).await {
         Ok(missing) => out.extend(missing.into_iter().map(|t| {
             Finding::fail(

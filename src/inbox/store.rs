@@ -25,16 +25,21 @@ pub struct NewMessage {
     pub headers: serde_json::Value,
 }
 
-/// Inserts in receive order, so `id` order is partition order within a batch.
-const INSERT_BATCH: &str = "INSERT INTO kurier.inbox (consumer, message_id, topic, \"partition\", \"offset\", key, payload, headers) \
-     SELECT $1, m, t, p, o, k, v, h FROM unnest($2::text[], $3::text[], $4::int[], $5::bigint[], $6::bytea[], $7::bytea[], $8::jsonb[]) \
-       WITH ORDINALITY AS u(m, t, p, o, k, v, h, n) ORDER BY n \
-     ON CONFLICT (consumer, message_id) DO NOTHING";
+/// One statement (so one round trip, its own transaction): the batch in
+/// receive order, so `id` order is partition order within a batch, IDs
+/// already stored for the consumer dropped, and the consumer's counters.
+/// Returns the rows inserted.
+const STORE_BATCH: &str = "WITH ins AS ( \
+       INSERT INTO kurier.inbox (consumer, message_id, topic, \"partition\", \"offset\", key, payload, headers) \
+       SELECT $1, m, t, p, o, k, v, h FROM unnest($2::text[], $3::text[], $4::int[], $5::bigint[], $6::bytea[], $7::bytea[], $8::jsonb[]) \
+         WITH ORDINALITY AS u(m, t, p, o, k, v, h, n) ORDER BY n \
+       ON CONFLICT (consumer, message_id) DO NOTHING RETURNING 1) \
+     INSERT INTO kurier.inbox_stats AS s (consumer, received, duplicates) \
+     SELECT $1, count(*), $9 - count(*) FROM ins \
+     ON CONFLICT (consumer) DO UPDATE SET received = s.received + excluded.received, duplicates = s.duplicates + excluded.duplicates \
+     RETURNING (SELECT count(*) FROM ins)";
 
-const COUNT_BATCH: &str = "INSERT INTO kurier.inbox_stats AS s (consumer, received, duplicates) VALUES ($1, $2, $3) \
-     ON CONFLICT (consumer) DO UPDATE SET received = s.received + $2, duplicates = s.duplicates + $3";
-
-/// Stores a batch in one transaction: the new rows (IDs already stored for
+/// Stores a batch atomically: the new rows (IDs already stored for
 /// `consumer` are dropped) and the consumer's counters. Returns rows inserted.
 pub async fn insert_batch(
     pool: &PgPool,
@@ -42,8 +47,7 @@ pub async fn insert_batch(
     consumer: &str,
     batch: &[NewMessage],
 ) -> Result<u64, Error> {
-    let mut tx = pool.begin().await?;
-    let inserted = sqlx::query(&schema.sql(INSERT_BATCH))
+    let inserted: i64 = sqlx::query_scalar(&schema.sql(STORE_BATCH))
         .bind(consumer)
         .bind(
             batch
@@ -62,18 +66,11 @@ pub async fn insert_batch(
                 .collect::<Vec<_>>(),
         )
         .bind(batch.iter().map(|r| &r.headers).collect::<Vec<_>>())
-        .execute(&mut *tx)
+        .bind(batch.len() as i64)
+        .fetch_one(pool)
         .await
-        .map_err(Error::explained)?
-        .rows_affected();
-    sqlx::query(&schema.sql(COUNT_BATCH))
-        .bind(consumer)
-        .bind(inserted as i64)
-        .bind((batch.len() as u64 - inserted) as i64)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(inserted)
+        .map_err(Error::explained)?;
+    Ok(inserted as u64)
 }
 
 /// Records `message_id` as received and handled by `consumer`; `true` if new.

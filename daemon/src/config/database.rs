@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{ConnectOptions, PgPool};
 
 use super::value::Keys;
 use super::ConfigError;
@@ -80,6 +80,9 @@ pub(super) fn resolve(raw: RawDatabase, k: &Keys) -> Result<DatabaseConfig, Conf
         return Err(invalid());
     }
     let options: PgConnectOptions = url.parse().map_err(|_| invalid())?;
+    // A VACUUM or a rebuild batch may take seconds: not a warning.
+    let options =
+        options.log_slow_statements(log::LevelFilter::Debug, std::time::Duration::from_secs(1));
     Ok(DatabaseConfig {
         max_connections: k.num("database.max_connections", raw.max_connections, 4)?,
         url,

@@ -92,3 +92,36 @@ fn every_test_file_is_a_target_of_the_daemon_package() {
         );
     }
 }
+
+/// ARCHITECTURE.md: only `store` modules and `schema` hold SQL; the daemon none.
+#[test]
+fn only_store_modules_and_schema_run_sql() {
+    let mut offenders = Vec::new();
+    for dir in ["src", "daemon/src"] {
+        let mut stack = vec![workspace().join(dir)];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                let rel = path
+                    .strip_prefix(workspace())
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                let allowed = rel.starts_with("src/")
+                    && (rel.contains("/store") || rel.starts_with("src/schema/"));
+                let text = std::fs::read_to_string(&path).unwrap();
+                if !allowed && (text.contains("sqlx::query") || text.contains("sqlx::raw_sql")) {
+                    offenders.push(rel);
+                }
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "SQL outside the store modules: {offenders:?}"
+    );
+}

@@ -25,6 +25,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use sqlx::PgPool;
 
+use super::store;
 use crate::error::Error;
 use crate::schema::SchemaName;
 
@@ -62,12 +63,7 @@ impl Shredder {
         value: &serde_json::Value,
     ) -> Result<serde_json::Value, Error> {
         let fresh = Aes256Gcm::generate_key(OsRng);
-        let key: Vec<u8> =
-            sqlx::query_scalar(&self.schema.sql("SELECT kurier.subject_key($1, $2)"))
-                .bind(subject)
-                .bind(fresh.as_slice())
-                .fetch_one(&self.pool)
-                .await?;
+        let key = store::subject_key(&self.pool, &self.schema, subject, fresh.as_slice()).await?;
         seal(&key, subject, value)
     }
 
@@ -77,15 +73,7 @@ impl Shredder {
         let Some(subject) = envelope_subject(value) else {
             return Ok(Revealed::Value(value.clone()));
         };
-        let key: Option<Vec<u8>> = sqlx::query_scalar(
-            &self
-                .schema
-                .sql("SELECT key FROM kurier.subject_keys WHERE subject = $1"),
-        )
-        .bind(subject)
-        .fetch_optional(&self.pool)
-        .await?;
-        match key {
+        match store::key_of(&self.pool, &self.schema, subject).await? {
             None => Ok(Revealed::Forgotten {
                 subject: subject.to_owned(),
             }),
@@ -95,11 +83,7 @@ impl Shredder {
 
     /// Deletes `subject`'s key for good; `true` if there was one.
     pub async fn forget(&self, subject: &str) -> Result<bool, Error> {
-        let forgotten = sqlx::query_scalar(&self.schema.sql("SELECT kurier.forget_subject($1)"))
-            .bind(subject)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(forgotten)
+        store::forget_subject(&self.pool, &self.schema, subject).await
     }
 }
 

@@ -290,3 +290,46 @@ pub async fn horizon_lag(
     .await?;
     Ok(lag)
 }
+
+/// `subject`'s key, storing `new_key` when it has none; `KU410` for a
+/// forgotten subject (crypto-shredding, `events::shredding`).
+pub async fn subject_key(
+    pool: &PgPool,
+    schema: &SchemaName,
+    subject: &str,
+    new_key: &[u8],
+) -> Result<Vec<u8>, Error> {
+    let key = sqlx::query_scalar(&schema.sql("SELECT kurier.subject_key($1, $2)"))
+        .bind(subject)
+        .bind(new_key)
+        .fetch_one(pool)
+        .await?;
+    Ok(key)
+}
+
+/// `subject`'s key, if it has one (none: never used, or forgotten).
+pub async fn key_of(
+    pool: &PgPool,
+    schema: &SchemaName,
+    subject: &str,
+) -> Result<Option<Vec<u8>>, Error> {
+    let key =
+        sqlx::query_scalar(&schema.sql("SELECT key FROM kurier.subject_keys WHERE subject = $1"))
+            .bind(subject)
+            .fetch_optional(pool)
+            .await?;
+    Ok(key)
+}
+
+/// Deletes `subject`'s key for good; `true` if there was one.
+pub async fn forget_subject(
+    pool: &PgPool,
+    schema: &SchemaName,
+    subject: &str,
+) -> Result<bool, Error> {
+    let forgotten = sqlx::query_scalar(&schema.sql("SELECT kurier.forget_subject($1)"))
+        .bind(subject)
+        .fetch_one(pool)
+        .await?;
+    Ok(forgotten)
+}

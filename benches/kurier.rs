@@ -486,8 +486,8 @@ async fn largest_table(pool: PgPool, stop: tokio_util::sync::CancellationToken) 
 }
 
 /// Event-store appends against plain inserts of the same rows into a table
-/// of the events' shape (no outbox row, no version check, no locks), side
-/// by side: 8 writers, each appending to its own stream, one transaction per
+/// of the events' shape (no outbox row, no version check, no locks), and
+/// beside plain inserts of those rows and their outbox rows, side by side: 8 writers, each appending to its own stream, one transaction per
 /// event for `SECS` seconds; then with batches of 100 per transaction. And
 /// `read_all` catch-up: every event from position 0 in pages of 10,000.
 async fn events(f: &mut Figures) {
@@ -506,12 +506,23 @@ async fn events(f: &mut Figures) {
     .await
     .unwrap();
     for batch in [1usize, 100] {
-        let plain = eight_writers(&pool, batch, SECS, true).await;
-        let appends = eight_writers(&pool, batch, SECS, false).await;
+        let plain = eight_writers(&pool, batch, SECS, Writes::Plain).await;
+        let with_outbox = eight_writers(&pool, batch, SECS, Writes::PlainWithOutbox).await;
+        let appends = eight_writers(&pool, batch, SECS, Writes::Append).await;
         let name = if batch == 1 { "single" } else { "batch100" };
         f.insert(leak(format!("plain_insert_{name}_events_per_s")), plain);
+        f.insert(
+            leak(format!("plain_insert_with_outbox_{name}_events_per_s")),
+            with_outbox,
+        );
         f.insert(leak(format!("append_{name}_events_per_s")), appends);
         f.insert(leak(format!("append_vs_plain_{name}")), appends / plain);
+        // Information: what the outbox row alone costs, and the append
+        // against plain inserts of both rows it writes.
+        f.insert(
+            leak(format!("append_vs_plain_with_outbox_{name}")),
+            appends / with_outbox,
+        );
     }
     let total: i64 = count(&pool, "SELECT count(*) FROM kurier.events").await;
     let es = kurier::events::EventStore::new(pool.clone());
@@ -536,7 +547,17 @@ async fn events(f: &mut Figures) {
 /// Events per second of 8 writers for `secs`, each on its own streams,
 /// `batch` events per transaction: plain inserts, or `kurier.append_events`
 /// (one event: `kurier.append_event`) with the version check.
-async fn eight_writers(pool: &PgPool, batch: usize, secs: f64, plain: bool) -> f64 {
+#[derive(Clone, Copy)]
+enum Writes {
+    /// The event rows into `plain_events`.
+    Plain,
+    /// The event rows and their outbox rows, one statement, no checks.
+    PlainWithOutbox,
+    /// `kurier.append_events` / `kurier.append_event`.
+    Append,
+}
+
+async fn eight_writers(pool: &PgPool, batch: usize, secs: f64, writes: Writes) -> f64 {
     let stop = Instant::now() + Duration::from_secs_f64(secs);
     let tasks: Vec<_> = (0..8)
         .map(|w| {
@@ -550,14 +571,19 @@ async fn eight_writers(pool: &PgPool, batch: usize, secs: f64, plain: bool) -> f
                     let events: Vec<kurier::events::NewEvent> = (0..batch)
                         .map(|i| kurier::events::NewEvent::json("Placed", payload(n + i)))
                         .collect();
-                    if plain {
-                        plain_insert(&pool, &stream, version.map_or(0, |v| v + 1), &events).await;
-                    } else {
-                        let expected = version.map_or(
-                            kurier::events::Expected::NoStream,
-                            kurier::events::Expected::Exact,
-                        );
-                        es.append(&stream, expected, &events).await.unwrap();
+                    let first = version.map_or(0, |v| v + 1);
+                    match writes {
+                        Writes::Plain => plain_insert(&pool, &stream, first, &events, false).await,
+                        Writes::PlainWithOutbox => {
+                            plain_insert(&pool, &stream, first, &events, true).await
+                        }
+                        Writes::Append => {
+                            let expected = version.map_or(
+                                kurier::events::Expected::NoStream,
+                                kurier::events::Expected::Exact,
+                            );
+                            es.append(&stream, expected, &events).await.unwrap();
+                        }
                     }
                     version = Some(version.map_or(batch as u64 - 1, |v| v + batch as u64));
                     n += batch;
@@ -574,30 +600,43 @@ async fn eight_writers(pool: &PgPool, batch: usize, secs: f64, plain: bool) -> f
     total as f64 / secs
 }
 
-/// The same rows as an append, inserted as they are into `plain_events`.
+/// The same rows as an append, inserted as they are into `plain_events`,
+/// and with `outbox` each event's outbox row too (in the same statement).
 async fn plain_insert(
     pool: &PgPool,
     stream: &str,
     first_version: u64,
     events: &[kurier::events::NewEvent],
+    outbox: bool,
 ) {
     let data: Vec<serde_json::Value> = events
         .iter()
         .map(|e| e.data.as_json().cloned().unwrap_or_default())
         .collect();
     let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
-    sqlx::query(
+    let events_insert =
         "INSERT INTO plain_events (global_position, stream, version, type, data, event_id) \
          SELECT nextval('plain_position'), $1, $2 + n - 1, 'Placed', d, i \
-         FROM unnest($3::jsonb[], $4::uuid[]) WITH ORDINALITY AS u(d, i, n)",
-    )
-    .bind(stream)
-    .bind(first_version as i64)
-    .bind(&data)
-    .bind(&ids)
-    .execute(pool)
-    .await
-    .unwrap();
+         FROM unnest($3::jsonb[], $4::uuid[]) WITH ORDINALITY AS u(d, i, n)";
+    let sql = if outbox {
+        format!(
+            "WITH e AS ({events_insert} RETURNING stream, version, data, event_id) \
+             INSERT INTO kurier.outbox (message_id, topic, key, payload, headers) \
+             SELECT event_id, 'bench', stream, data, \
+                    jsonb_build_object('event-type', 'Placed', 'stream-version', version::text) \
+             FROM e"
+        )
+    } else {
+        events_insert.to_string()
+    };
+    sqlx::query(&sql)
+        .bind(stream)
+        .bind(first_version as i64)
+        .bind(&data)
+        .bind(&ids)
+        .execute(pool)
+        .await
+        .unwrap();
 }
 
 /// A rebuild of a one-row-upsert SQL projection (`kurier.run_projection`,

@@ -312,6 +312,80 @@ async fn appended_events_are_published_in_version_order_with_their_headers() {
     }
 }
 
+/// Binary events (Avro, Protobuf, ...): stored in `data_bytes` exactly as
+/// given, from Rust (several in one append, all or none) and from SQL
+/// (`kurier.append_event_bytes`), and published as those bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_events_are_stored_and_published_as_their_bytes() {
+    let (db, brokers) = (fresh_db().await, brokers());
+    let category = unique("blobs").replace('-', "_");
+    create_topic(&brokers, &category, 1).await;
+    let es = store(&db.pool);
+    let stream = format!("{category}-7");
+    let bodies: Vec<Vec<u8>> = vec![vec![0, 159, 146, 150], b"\xff\x00raw".to_vec(), vec![7; 3]];
+    let two: Vec<NewEvent> = bodies[..2]
+        .iter()
+        .map(|b| NewEvent::bytes("Chunk", b.clone()))
+        .collect();
+    assert_eq!(
+        es.append(&stream, Expected::NoStream, &two).await.unwrap(),
+        1
+    );
+
+    // A batch whose second event is refused (its id belongs to another
+    // stream) stores neither of them.
+    let other = NewEvent::bytes("Chunk", vec![1]);
+    es.append("elsewhere-1", Expected::Any, std::slice::from_ref(&other))
+        .await
+        .unwrap();
+    let refused = [
+        NewEvent::bytes("Chunk", vec![9]),
+        NewEvent::bytes("Chunk", vec![9]).event_id(other.event_id),
+    ];
+    let err = es
+        .append(&stream, Expected::Exact(1), &refused)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("already stored in stream elsewhere-1"),
+        "{err}"
+    );
+    assert_eq!(es.stream_version(&stream).await.unwrap(), Some(1));
+
+    let v: i64 = sqlx::query_scalar("SELECT kurier.append_event_bytes($1, 'Chunk', $2, NULL, 1)")
+        .bind(&stream)
+        .bind(&bodies[2])
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(v, 2);
+    let stored = es.read_stream(&stream, 0, 10).await.unwrap();
+    let stored_bodies: Vec<Vec<u8>> = stored.iter().filter_map(|e| e.data_bytes.clone()).collect();
+    assert_eq!(stored_bodies, bodies);
+    assert!(
+        stored.iter().all(|e| e.data.is_none()),
+        "a binary event has JSON data"
+    );
+
+    let relay = start_in_process(config(&db.url, &brokers, "")).await;
+    let recs = read_until(&brokers, &category, Duration::from_secs(30), |r| {
+        r.len() >= 3
+    });
+    relay.stop().await;
+    let mut recs: Vec<&Rec> = recs.iter().collect();
+    recs.sort_by_key(|r| r.offset);
+    let published: Vec<Vec<u8>> = recs
+        .iter()
+        .map(|r| r.value.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        published, bodies,
+        "Kafka values differ from the stored bytes"
+    );
+    assert_eq!(recs[2].header("stream-version"), Some("2"));
+}
+
 // ---- an aggregate -----------------------------------------------------------
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -15,7 +15,6 @@ pub async fn append(
     expected: Expected,
     events: &[NewEvent],
 ) -> Result<i64, Error> {
-    let all_json = events.iter().all(|e| matches!(e.data, EventData::Json(_)));
     let appended = match events {
         [] => {
             return Err(Error::InvalidMessage(format!(
@@ -23,7 +22,9 @@ pub async fn append(
             )))
         }
         [one] => append_one(&mut *conn, schema, stream, expected, one).await,
-        many if all_json => append_batch(&mut *conn, schema, stream, expected, many).await,
+        many if is_one_statement(many) => {
+            append_batch(&mut *conn, schema, stream, expected, many).await
+        }
         // Bytes have no batch form: the first append checks the version and
         // locks the stream for this transaction, the others follow it.
         [first, rest @ ..] => {
@@ -38,6 +39,12 @@ pub async fn append(
         }
     };
     appended.map_err(|e| conflict(e, stream))
+}
+
+/// Whether [`append`] stores `events` in one statement: one event, or a
+/// batch of JSON events (binary events have no batch form).
+pub fn is_one_statement(events: &[NewEvent]) -> bool {
+    events.len() == 1 || events.iter().all(|e| matches!(e.data, EventData::Json(_)))
 }
 
 async fn append_one(

@@ -487,8 +487,9 @@ async fn largest_table(pool: PgPool, stop: tokio_util::sync::CancellationToken) 
 
 /// Event-store appends against plain inserts of the same rows into a table
 /// of the events' shape (no outbox row, no version check, no locks), and
-/// beside plain inserts of those rows and their outbox rows, side by side: 8 writers, each appending to its own stream, one transaction per
-/// event for `SECS` seconds; then with batches of 100 per transaction. And
+/// beside plain inserts of those rows and their outbox rows, side by side:
+/// 8 writers, each appending to its own stream, one transaction per event
+/// for `SECS` seconds; then with batches of 100 per transaction. And
 /// `read_all` catch-up: every event from position 0 in pages of 10,000.
 async fn events(f: &mut Figures) {
     const SECS: f64 = 5.0;
@@ -517,8 +518,8 @@ async fn events(f: &mut Figures) {
         );
         f.insert(leak(format!("append_{name}_events_per_s")), appends);
         f.insert(leak(format!("append_vs_plain_{name}")), appends / plain);
-        // Information: what the outbox row alone costs, and the append
-        // against plain inserts of both rows it writes.
+        // Information: the append against plain inserts of both rows it
+        // writes (plain vs with_outbox shows what the outbox row costs).
         f.insert(
             leak(format!("append_vs_plain_with_outbox_{name}")),
             appends / with_outbox,
@@ -544,9 +545,7 @@ async fn events(f: &mut Figures) {
     drop_db(&db).await;
 }
 
-/// Events per second of 8 writers for `secs`, each on its own streams,
-/// `batch` events per transaction: plain inserts, or `kurier.append_events`
-/// (one event: `kurier.append_event`) with the version check.
+/// What [`eight_writers`] writes.
 #[derive(Clone, Copy)]
 enum Writes {
     /// The event rows into `plain_events`.
@@ -557,6 +556,8 @@ enum Writes {
     Append,
 }
 
+/// Events per second of 8 writers for `secs`, each on its own streams,
+/// `batch` events per transaction, written as `writes` says.
 async fn eight_writers(pool: &PgPool, batch: usize, secs: f64, writes: Writes) -> f64 {
     let stop = Instant::now() + Duration::from_secs_f64(secs);
     let tasks: Vec<_> = (0..8)

@@ -161,7 +161,7 @@ impl EventStore {
         events: &[NewEvent],
     ) -> Result<i64, Error> {
         // One statement is its own transaction: no BEGIN and COMMIT round
-        // trips (a third of a single-event append's time at 8 writers).
+        // trips around it.
         if store::is_one_statement(events) {
             let mut conn = self.pool.acquire().await?;
             return self.append_on(&mut conn, stream, expected, events).await;

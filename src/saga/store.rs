@@ -158,13 +158,17 @@ pub async fn list(
     Ok(sagas)
 }
 
-pub async fn get(pool: &PgPool, schema: &SchemaName, id: Uuid) -> Result<Option<Saga>, Error> {
+pub async fn get<'e, E: PgExecutor<'e>>(
+    db: E,
+    schema: &SchemaName,
+    id: Uuid,
+) -> Result<Option<Saga>, Error> {
     let sql = format!(
         "SELECT {SAGA_COLUMNS} FROM kurier.sagas s JOIN kurier.saga_types t USING (saga_type) WHERE s.id = $1"
     );
     let saga = sqlx::query_as(&schema.sql(&sql))
         .bind(id)
-        .fetch_optional(pool)
+        .fetch_optional(db)
         .await?;
     Ok(saga)
 }
@@ -197,7 +201,9 @@ pub enum Action {
 }
 
 /// Runs `action` on saga `id`; refused (KU404 / KU409, with the action that
-/// does apply) when it does not apply.
+/// does apply) when it does not apply. Returns the saga as the action left
+/// it: read before commit, because a running orchestrator may move it on
+/// (e.g. resumed → compensated) the moment it commits.
 pub async fn act(
     pool: &PgPool,
     schema: &SchemaName,
@@ -216,8 +222,9 @@ pub async fn act(
         .bind(reason)
         .execute(&mut *tx)
         .await?;
+    let saga = get(&mut *tx, schema, id).await?.expect("the action found it");
     tx.commit().await?;
-    Ok(get(pool, schema, id).await?.expect("the action found it"))
+    Ok(saga)
 }
 
 /// Sagas per status, and those past their deadline (for `/metrics`).

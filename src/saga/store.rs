@@ -222,7 +222,9 @@ pub async fn act(
         .bind(reason)
         .execute(&mut *tx)
         .await?;
-    let saga = get(&mut *tx, schema, id).await?.expect("the action found it");
+    let saga = get(&mut *tx, schema, id)
+        .await?
+        .expect("the action found it");
     tx.commit().await?;
     Ok(saga)
 }

@@ -39,70 +39,126 @@ impl OutboxRow {
     }
 }
 
-/// The next batch: the oldest rows of each lease partition that `$3` holds
-/// an unexpired lease on (by the database clock, in this statement: the
-/// fence), partition after partition from `$7` on, at most `$1` rows. A
-/// row waiting for a retry holds back the later rows of its topic and key,
-/// so a retry never lets a key's later message overtake an earlier one.
+/// The filter every walk applies to a row: not waiting for its retry, not
+/// in flight or being deleted (`$6`), and not held back behind an earlier
+/// row of its topic and key that waits for a retry, so that a retry never
+/// lets a key's later message overtake an earlier one.
+///
+/// The hold-back probe is one `NOT EXISTS (… OFFSET 0)` per row on all of
+/// `outbox_retrying`'s columns, split on a NULL key (an anti-join over a
+/// burst became quadratic). It runs only while some row has a retry
+/// scheduled: the uncorrelated first operand is evaluated once per
+/// statement (one probe of the partial index `outbox_retrying`, ordered by
+/// its columns so that no other plan is sensible), and `OR` skips the
+/// per-row probe when it is true — a fifth of the claim's time without
+/// retries (pgbench: 26.4 → 21.8 ms per 5,000-row claim).
+macro_rules! claimable {
+    () => {
+        "(o.retry_at > now()) IS NOT TRUE \
+         AND o.id NOT IN (SELECT unnest($6::bigint[])) \
+         AND ((SELECT h0.id FROM kurier.outbox h0 WHERE h0.retry_at IS NOT NULL \
+               ORDER BY h0.topic, h0.key, h0.id LIMIT 1) IS NULL \
+              OR CASE WHEN o.key IS NULL \
+                 THEN NOT EXISTS (SELECT 1 FROM kurier.outbox h \
+                                  WHERE h.retry_at > now() AND h.topic = o.topic \
+                                    AND h.key IS NULL AND h.id < o.id OFFSET 0) \
+                 ELSE NOT EXISTS (SELECT 1 FROM kurier.outbox h \
+                                  WHERE h.retry_at > now() AND h.topic = o.topic \
+                                    AND h.key = o.key AND h.id < o.id OFFSET 0) END)"
+    };
+}
+
+/// How many lease partitions `$3` holds unexpired leases on, by the
+/// database clock, in this statement: the fence.
+macro_rules! owned {
+    () => {
+        "(SELECT count(*) FROM kurier.relay_leases l WHERE l.owner = $3 AND l.expires_at > now())"
+    };
+}
+
+const _: () = assert!(super::lease::PARTITIONS == 32, "CLAIM counts 32 partitions");
+
+/// The next batch of the rows in the partitions that `$3` holds an
+/// unexpired lease on (the fence, checked in this statement), at most `$1`
+/// rows, in id order, without the rows filtered out by [`claimable`].
 ///
 /// Its cost is bounded by the batch, whatever the planner's statistics say
 /// (a burst into a never-analyzed table, or one analyzed while empty, read
-/// the whole backlog for every batch before). The only sensible plan is one
-/// walk of `outbox_lease_partition` per (fenced partition, unskipped id
-/// range) from `(partition, lo)`, under the outer `LIMIT $1`, which stops the
-/// nested loop once the batch is full: about `$1` rows read, plus one index
-/// probe per empty pair. What keeps the planner there:
+/// the whole backlog for every batch before). Two walks, of which the
+/// statement runs one (each under an uncorrelated gate on [`owned`], a
+/// one-time filter):
+/// - **every partition owned** (one relay, the usual case): the oldest rows,
+///   one walk of the primary key per unskipped id range. Rows were inserted
+///   in id order, so it reads the heap in order, where a walk per partition
+///   visits a different page for almost every row (pgbench, 5,000-row
+///   claims of a 200k-row outbox: 16.6 ms against 21.8);
+/// - **some partitions owned**: one walk of `outbox_lease_partition` per
+///   (fenced partition, unskipped id range) from `(partition, lo)`, so that
+///   rows of other owners' partitions are never read, partition after
+///   partition from `$7` on (not the globally oldest rows, so the caller
+///   rotates `$7` to be fair; per key the rows are still an id-ordered
+///   prefix, as a key lives in one partition).
+///
+/// Each walk runs under the outer `LIMIT $1`, which stops the nested loop
+/// once the batch is full: about `$1` rows read, plus one index probe per
+/// empty pair. What keeps the planner there:
 /// - `lease_partition = ANY (ARRAY[p])` forms no equivalence class, so the
 ///   primary key cannot supply `(lease_partition, id)` order (with `= p` the
 ///   planner walked the primary key and filtered: 172k–8M rows per claim);
 /// - the lower bound is a row comparison, which the primary key cannot use
 ///   (with `BETWEEN` it took a primary-key range scan plus a sort);
 /// - `LIMIT (SELECT $1)` makes it cost the walk at a fraction of its rows
-///   against plans that must read and sort the whole pair first;
-/// - the hold-back probe is one `NOT EXISTS (… OFFSET 0)` per row on all of
-///   `outbox_retrying`'s columns, split on a NULL key (an anti-join over a
-///   burst became quadratic).
+///   against plans that must read and sort the whole pair first.
 ///
 /// Plan it per execution ([`claim`] sends it unnamed): a generic plan cached
 /// while the table was small read 1M rows after a 1M-row burst.
 ///
-/// Per key the rows are still an id-ordered prefix (a key lives in one
-/// partition), and the batch is returned in id order; across partitions it is
-/// not the globally oldest rows, so the caller rotates `$7` to be fair.
-///
-/// The walk covers only the id ranges `$4[i]..=$5[i]` (see [`unskipped_ranges`]):
+/// The walks cover only the id ranges `$4[i]..=$5[i]` (see [`unskipped_ranges`]):
 /// the rows being sent and being deleted are not visited at all. The filter
 /// on `$6` is the fallback for skipped ids too scattered to be cut out as ranges.
 ///
 /// The outer query keeps rows while the running payload size stays under
 /// `$2` bytes (always at least one row), so a batch of large rows stays small.
-const CLAIM: &str = "SELECT id, message_id, topic, key, payload::text AS payload_text, payload_bytes, headers::text AS headers, attempts, lease_partition \
+const CLAIM: &str = concat!(
+    "SELECT id, message_id, topic, key, payload::text AS payload_text, payload_bytes, headers::text AS headers, attempts, lease_partition \
      FROM (SELECT lim.*, sum(lim.size) OVER (ORDER BY lim.id ROWS UNBOUNDED PRECEDING) AS running \
            FROM (SELECT c.*, coalesce(pg_column_size(c.payload), 0) + coalesce(octet_length(c.payload_bytes), 0) AS size \
-                 FROM (SELECT l.partition FROM kurier.relay_leases l \
-                       WHERE l.owner = $3 AND l.expires_at > now() \
-                       ORDER BY ((l.partition - $7::int) % 32 + 32) % 32) p \
-                 CROSS JOIN unnest($4::bigint[], $5::bigint[]) AS r(lo, hi) \
-                 CROSS JOIN LATERAL ( \
-                   SELECT o.id, o.message_id, o.topic, o.key, o.payload, o.payload_bytes, o.headers, o.attempts, o.lease_partition \
-                   FROM kurier.outbox o \
-                   WHERE o.lease_partition = ANY (ARRAY[p.partition]) \
-                     AND (o.lease_partition, o.id) >= (p.partition, r.lo) \
-                     AND o.id <= r.hi \
-                     AND (o.retry_at > now()) IS NOT TRUE \
-                     AND o.id NOT IN (SELECT unnest($6::bigint[])) \
-                     AND CASE WHEN o.key IS NULL \
-                         THEN NOT EXISTS (SELECT 1 FROM kurier.outbox h \
-                                          WHERE h.retry_at > now() AND h.topic = o.topic \
-                                            AND h.key IS NULL AND h.id < o.id OFFSET 0) \
-                         ELSE NOT EXISTS (SELECT 1 FROM kurier.outbox h \
-                                          WHERE h.retry_at > now() AND h.topic = o.topic \
-                                            AND h.key = o.key AND h.id < o.id OFFSET 0) END \
-                   ORDER BY o.lease_partition, o.id \
-                   LIMIT (SELECT $1)) c \
+                 FROM ((SELECT w.* \
+                        FROM unnest($4::bigint[], $5::bigint[]) AS r(lo, hi) \
+                        CROSS JOIN LATERAL ( \
+                          SELECT o.id, o.message_id, o.topic, o.key, o.payload, o.payload_bytes, o.headers, o.attempts, o.lease_partition \
+                          FROM kurier.outbox o \
+                          WHERE o.id >= r.lo AND o.id <= r.hi AND ",
+    claimable!(),
+    "                     ORDER BY o.id \
+                          LIMIT (SELECT $1)) w \
+                        WHERE ",
+    owned!(),
+    " = 32 \
+                        LIMIT $1) \
+                       UNION ALL \
+                       (SELECT w.* \
+                        FROM (SELECT l.partition FROM kurier.relay_leases l \
+                              WHERE l.owner = $3 AND l.expires_at > now() \
+                              ORDER BY ((l.partition - $7::int) % 32 + 32) % 32) p \
+                        CROSS JOIN unnest($4::bigint[], $5::bigint[]) AS r(lo, hi) \
+                        CROSS JOIN LATERAL ( \
+                          SELECT o.id, o.message_id, o.topic, o.key, o.payload, o.payload_bytes, o.headers, o.attempts, o.lease_partition \
+                          FROM kurier.outbox o \
+                          WHERE o.lease_partition = ANY (ARRAY[p.partition]) \
+                            AND (o.lease_partition, o.id) >= (p.partition, r.lo) \
+                            AND o.id <= r.hi AND ",
+    claimable!(),
+    "                     ORDER BY o.lease_partition, o.id \
+                          LIMIT (SELECT $1)) w \
+                        WHERE ",
+    owned!(),
+    " < 32 \
+                        LIMIT $1)) c \
                  LIMIT $1) lim) b \
      WHERE running - size < $2 \
-     ORDER BY id";
+     ORDER BY id"
+);
 
 /// Each range is one more index walk per owned partition, and an empty
 /// (partition, range) pair still costs a probe (2,000 pairs took ~2 ms).

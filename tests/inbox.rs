@@ -106,6 +106,9 @@ async fn abort_between_db_commit_and_offset_commit_loses_nothing_and_stores_once
     for run in 0..3 {
         let mut e = as_refs(&env);
         e.push(("KURIER_FAILPOINT_ABORT_AFTER_INBOX_COMMITS", "3".into()));
+        // Full batches of 50 (the topic holds 1,000), however slow the
+        // first fetch after joining the group: 3 commits store 150 rows.
+        e.push(("KURIER_INBOX_BATCH_WAIT_MS", "5000".into()));
         let pairs: Vec<(&str, &str)> = e.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let mut child = spawn_binary(kurier_bin!(), &["run"], &pairs);
         let status = tokio::task::spawn_blocking(move || child.wait().unwrap())

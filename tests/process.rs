@@ -167,6 +167,26 @@ fn malformed_config_is_refused_naming_the_key() {
     }
 }
 
+/// Waits (on a slow machine too) until a relay holds its leases, then a
+/// little longer: with rows waiting it has claimed them and sent the batch.
+async fn batch_in_flight(pool: &sqlx::PgPool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let leased: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM kurier.relay_leases WHERE owner IS NOT NULL AND expires_at > now()",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if leased > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the relay took no lease in 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
 /// With the broker unreachable a batch waits for delivery reports: SIGTERM
 /// waits `shutdown_grace` then exits 0 leaving the rows; a second signal exits at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,7 +208,7 @@ async fn shutdown_with_broker_down_respects_grace_and_second_signal() {
     ];
 
     let mut child = spawn_binary(kurier_bin!(), &["run"], &env);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    batch_in_flight(&db.pool).await;
     let t = Instant::now();
     signal(&child, "TERM");
     let status = child.wait().unwrap();
@@ -210,7 +230,7 @@ async fn shutdown_with_broker_down_respects_grace_and_second_signal() {
         ("KURIER_SHUTDOWN_GRACE_MS", "60000"),
     ];
     let mut child = spawn_binary(kurier_bin!(), &["run"], &env);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    batch_in_flight(&db.pool).await;
     signal(&child, "TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let t = Instant::now();

@@ -174,8 +174,8 @@ pub async fn get<'e, E: PgExecutor<'e>>(
 }
 
 /// Every recorded event of saga `id`, oldest first.
-pub async fn history(
-    pool: &PgPool,
+pub async fn history<'e, E: PgExecutor<'e>>(
+    db: E,
     schema: &SchemaName,
     id: Uuid,
 ) -> Result<Vec<SagaEvent>, Error> {
@@ -184,9 +184,28 @@ pub async fn history(
          FROM kurier.saga_events WHERE saga_id = $1 ORDER BY id",
     ))
     .bind(id)
-    .fetch_all(pool)
+    .fetch_all(db)
     .await?;
     Ok(events)
+}
+
+/// Saga `id` and its history from one snapshot: a running orchestrator
+/// cannot add history that the status shown does not include yet.
+pub async fn get_with_history(
+    pool: &PgPool,
+    schema: &SchemaName,
+    id: Uuid,
+) -> Result<Option<(Saga, Vec<SagaEvent>)>, Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let Some(saga) = get(&mut *tx, schema, id).await? else {
+        return Ok(None);
+    };
+    let history = history(&mut *tx, schema, id).await?;
+    tx.commit().await?;
+    Ok(Some((saga, history)))
 }
 
 /// An operator action on one saga.

@@ -66,10 +66,9 @@ pub async fn run(cmd: SagaCommand, pool: &PgPool, schema: &SchemaName) -> anyhow
 }
 
 async fn show(pool: &PgPool, schema: &SchemaName, id: Uuid, json: bool) -> anyhow::Result<()> {
-    let saga = store::get(pool, schema, id)
+    let (saga, history) = store::get_with_history(pool, schema, id)
         .await?
         .ok_or_else(|| anyhow::anyhow!("no saga {id} in schema {schema}"))?;
-    let history = store::history(pool, schema, id).await?;
     if json {
         let both = serde_json::json!({ "saga": saga, "history": history });
         println!("{}", serde_json::to_string_pretty(&both)?);

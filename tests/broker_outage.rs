@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kurier_test_support::*;
 use tokio::net::{TcpSocket, TcpStream};
@@ -175,24 +175,24 @@ async fn broker_unreachable_then_back_loses_nothing() {
     wait_drained(&db.pool, Duration::from_secs(90)).await;
     let recs = read_ids(&brokers, &topic, &committed.ids, Duration::from_secs(120));
     assert_delivered_exactly(&recs, &committed);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http_status(http, "/readyz").await != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "not ready again 30 s after the broker came back and the outbox drained"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_status(
+        http,
+        "/readyz",
+        200,
+        Duration::from_secs(30),
+        "not ready again 30 s after the broker came back and the outbox drained",
+    )
+    .await;
     // Idle (nothing to publish) with the broker gone: not ready either.
     proxy.down();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http_status(http, "/readyz").await != 503 {
-        assert!(
-            Instant::now() < deadline,
-            "an idle relay must report not-ready when the broker is gone"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_for_status(
+        http,
+        "/readyz",
+        503,
+        Duration::from_secs(30),
+        "an idle relay must report not-ready when the broker is gone",
+    )
+    .await;
     proxy.up();
     cancel.cancel();
     handle.await.unwrap().unwrap();
@@ -226,13 +226,7 @@ async fn an_idle_inbox_writer_is_not_ready_while_the_broker_is_gone() {
     let http = daemon.http_addr().unwrap();
     let cancel = CancellationToken::new();
     let handle = tokio::spawn(daemon.run(cancel.clone()));
-    let wait_for = |code: u16, within: Duration, why: &'static str| async move {
-        let deadline = Instant::now() + within;
-        while http_status(http, "/readyz").await != code {
-            assert!(Instant::now() < deadline, "{why}");
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    };
+    let wait_for = |code, within, why| wait_for_status(http, "/readyz", code, within, why);
     wait_for(
         200,
         Duration::from_secs(30),

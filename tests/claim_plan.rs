@@ -10,6 +10,10 @@ use serde_json::Value;
 use sqlx::PgPool;
 
 const BATCH: u32 = 5000;
+/// What a claim may read: a small multiple of the batch.
+const A_FEW_BATCHES: f64 = 3.0 * BATCH as f64;
+/// The owner that claims; `lease` gives it partitions.
+const ME: &str = "me";
 
 /// Rows the plan read from `kurier.outbox`: for every scan node of it (the
 /// retry probes included), the rows it returned plus those its filters
@@ -75,12 +79,11 @@ async fn lease(pool: &PgPool, owner: &str, partitions: std::ops::Range<i16>) {
 const EVERY_PARTITION: &str = "outbox_pkey";
 const SOME_PARTITIONS: &str = "outbox_lease_partition";
 
-/// Claims as `owner` (skipping `skip`) and asserts the plan read at most
+/// Claims as [`ME`] (skipping `skip`) and asserts the plan read at most
 /// `max_read` rows, walking index `walk` (and probing `outbox_retrying`)
 /// and nothing else; returns (rows read, rows claimed).
 async fn assert_bounded(
     pool: &PgPool,
-    owner: &str,
     skip: &[i64],
     walk: &str,
     max_read: f64,
@@ -88,7 +91,7 @@ async fn assert_bounded(
 ) -> (f64, f64) {
     let mut conn = pool.acquire().await.unwrap();
     let claim = Claim {
-        owner,
+        owner: ME,
         limit: BATCH,
         max_bytes: 16 << 20,
         skip,
@@ -127,13 +130,12 @@ async fn assert_bounded(
 async fn a_burst_into_a_never_analyzed_outbox_is_claimed_a_batch_at_a_time() {
     let db = fresh_db().await;
     burst(&db.pool, 100_000).await;
-    lease(&db.pool, "me", 0..32).await;
+    lease(&db.pool, ME, 0..32).await;
     let (_, claimed) = assert_bounded(
         &db.pool,
-        "me",
         &[],
         EVERY_PARTITION,
-        3.0 * BATCH as f64,
+        A_FEW_BATCHES,
         "never analyzed",
     )
     .await;
@@ -147,10 +149,9 @@ async fn a_burst_into_a_never_analyzed_outbox_is_claimed_a_batch_at_a_time() {
             .unwrap();
     let (_, claimed) = assert_bounded(
         &db.pool,
-        "me",
         &first,
         EVERY_PARTITION,
-        3.0 * BATCH as f64,
+        A_FEW_BATCHES,
         "never analyzed, 10k in flight",
     )
     .await;
@@ -165,13 +166,12 @@ async fn a_burst_after_an_analyze_of_the_empty_outbox_is_claimed_a_batch_at_a_ti
         .await
         .unwrap();
     burst(&db.pool, 100_000).await;
-    lease(&db.pool, "me", 0..32).await;
+    lease(&db.pool, ME, 0..32).await;
     assert_bounded(
         &db.pool,
-        "me",
         &[],
         EVERY_PARTITION,
-        3.0 * BATCH as f64,
+        A_FEW_BATCHES,
         "analyzed while empty",
     )
     .await;
@@ -186,13 +186,12 @@ async fn stale_statistics_and_a_second_owner_keep_the_claim_bounded() {
         .await
         .unwrap();
     burst(&db.pool, 400_000).await;
-    lease(&db.pool, "me", 0..32).await;
+    lease(&db.pool, ME, 0..32).await;
     assert_bounded(
         &db.pool,
-        "me",
         &[],
         EVERY_PARTITION,
-        3.0 * BATCH as f64,
+        A_FEW_BATCHES,
         "stale statistics, every partition",
     )
     .await;
@@ -207,22 +206,20 @@ async fn stale_statistics_and_a_second_owner_keep_the_claim_bounded() {
     .unwrap();
     let (_, claimed) = assert_bounded(
         &db.pool,
-        "me",
         &[],
         EVERY_PARTITION,
-        3.0 * BATCH as f64,
+        A_FEW_BATCHES,
         "stale statistics, a retry pending",
     )
     .await;
     assert_eq!(claimed, BATCH as f64);
-    lease(&db.pool, "me", 0..16).await;
+    lease(&db.pool, ME, 0..16).await;
     lease(&db.pool, "other", 16..32).await;
     assert_bounded(
         &db.pool,
-        "me",
         &[],
         SOME_PARTITIONS,
-        3.0 * BATCH as f64,
+        A_FEW_BATCHES,
         "stale statistics, half the partitions",
     )
     .await;
@@ -234,7 +231,6 @@ async fn stale_statistics_and_a_second_owner_keep_the_claim_bounded() {
         .unwrap();
     let (read, claimed) = assert_bounded(
         &db.pool,
-        "me",
         &[],
         SOME_PARTITIONS,
         100.0,

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kurier_test_support::*;
 use tokio_util::sync::CancellationToken;
@@ -164,14 +164,14 @@ async fn relay_survives_a_postgresql_restart_mid_stream() {
     pg.pg_ctl(&["-m", "fast", "stop"]);
     // Readiness turns false once the relay's next statement fails, which a
     // batch waiting for its delivery reports may delay on a slow machine.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http_status(http, "/readyz").await != 503 {
-        assert!(
-            Instant::now() < deadline,
-            "still ready 30 s after PostgreSQL went down"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_status(
+        http,
+        "/readyz",
+        503,
+        Duration::from_secs(30),
+        "still ready 30 s after PostgreSQL went down",
+    )
+    .await;
     assert!(
         !handle.is_finished(),
         "the daemon keeps running while PostgreSQL is down"
@@ -201,14 +201,14 @@ async fn relay_survives_a_postgresql_restart_mid_stream() {
         committed.order.entry(k).or_default().extend(v);
     }
     wait_drained(&pool, Duration::from_secs(60)).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while http_status(http, "/readyz").await != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "never ready again after the restart"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_status(
+        http,
+        "/readyz",
+        200,
+        Duration::from_secs(30),
+        "never ready again after the restart",
+    )
+    .await;
     let recs = read_ids(&brokers, &topic, &committed.ids, Duration::from_secs(60));
     assert_delivered_exactly(&recs, &committed);
     cancel.cancel();

@@ -5,6 +5,21 @@ pub async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
     http_get(addr, path).await.0
 }
 
+/// Polls `GET path` until it answers `code`; fails with `why` after `within`.
+pub async fn wait_for_status(
+    addr: std::net::SocketAddr,
+    path: &str,
+    code: u16,
+    within: std::time::Duration,
+    why: &str,
+) {
+    let deadline = std::time::Instant::now() + within;
+    while http_status(addr, path).await != code {
+        assert!(std::time::Instant::now() < deadline, "{why}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// Status code and body of a GET.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

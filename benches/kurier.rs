@@ -33,7 +33,9 @@ async fn main() {
         .unwrap_or(200_000);
     // The support crate reads DATABASE_URL itself; fail early with the fix.
     let (_, brokers) = (env("DATABASE_URL"), env("KAFKA_BROKERS"));
-    let kurier = env!("CARGO_BIN_EXE_kurier");
+    // BENCH_KURIER: another build of the daemon, to compare two versions of
+    // the code alternately on one machine (the README's A/B runs).
+    let kurier = std::env::var("BENCH_KURIER").map_or(env!("CARGO_BIN_EXE_kurier"), leak);
     let mut f = Figures::new();
     eprintln!("bench: N = {n}, payload ~200 bytes, 1000 keys");
 
@@ -97,6 +99,20 @@ async fn main() {
                 r
             })
             .await,
+        );
+    }
+    if run("drain") {
+        drain_statements(&mut f).await;
+        // What PostgreSQL's two statements alone take per 100k messages,
+        // beside the raw producer's whole time for them: the share of the
+        // two cores the drain gives to work the raw producer does not do.
+        let per_100k = (f["claim_ms_per_batch"] + f["delete_ms_per_batch"])
+            * (1e5 / relay_batch_size() as f64)
+            / 1e3;
+        f.insert("claim_and_delete_s_per_100k", per_100k);
+        f.insert(
+            "raw_producer_s_per_100k",
+            1e5 / f["raw_producer_msgs_per_s"],
         );
     }
     if run("burst1m") {
@@ -363,6 +379,92 @@ async fn drain(db: &str, brokers: &str, kurier: &str, n: usize, f: &mut Figures)
     f.insert("drain_postgres_cpu_s_per_100k", postgres);
     f.insert("relay_peak_rss_mib", rss_kib as f64 / 1024.0);
     drop(d);
+}
+
+/// The relay's own statements on their own, one after the other, nothing
+/// else running: the claim (as the relay sends it, every partition leased)
+/// and the delete of what it claimed, over a 100k-row outbox; the median of
+/// each per batch, and the claim's time spent converting `payload` to text
+/// (the same rows read with and without `payload::text`).
+async fn drain_statements(f: &mut Figures) {
+    use kurier::outbox::store::claim;
+    const ROWS: usize = 100_000;
+    let batch = relay_batch_size();
+    let db = fresh_db("statements").await;
+    prefill(&db, "bench", ROWS).await;
+    let pool = PgPool::connect(&db).await.unwrap();
+    for sql in [
+        "VACUUM ANALYZE kurier.outbox",
+        "UPDATE kurier.relay_leases SET owner = 'bench', expires_at = now() + interval '1 hour'",
+    ] {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    let schema = kurier::SchemaName::kurier();
+    let mut conn = pool.acquire().await.unwrap();
+    let (mut claims, mut deletes, mut texts) = (Vec::new(), Vec::new(), Vec::new());
+    loop {
+        let what = claim::Claim {
+            owner: "bench",
+            limit: batch as u32,
+            max_bytes: 16 << 20,
+            skip: &[],
+            start: 0,
+        };
+        let t = Instant::now();
+        let rows = claim::claim(&mut conn, &schema, &what).await.unwrap();
+        claims.push(t.elapsed().as_secs_f64() * 1e3);
+        let Some(last) = rows.last() else { break };
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        texts.push(payload_text_ms(&mut conn, ids[0], last.id).await);
+        let t = Instant::now();
+        claim::delete_published(&mut conn, &schema, &ids)
+            .await
+            .unwrap();
+        deletes.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    claims.pop(); // the empty claim at the end
+    f.insert("claim_ms_per_batch", median(claims));
+    f.insert("delete_ms_per_batch", median(deletes));
+    f.insert("claim_payload_text_ms_per_batch", median(texts));
+    drop(conn);
+    pool.close().await;
+    drop_db(&db).await;
+}
+
+/// Milliseconds that `payload::text` adds to reading the rows `lo..=hi`:
+/// the same read with the column converted and without it.
+async fn payload_text_ms(conn: &mut sqlx::PgConnection, lo: i64, hi: i64) -> f64 {
+    let with = timed_read(
+        conn,
+        "SELECT id, payload::text FROM kurier.outbox WHERE id BETWEEN $1 AND $2 ORDER BY id",
+        lo,
+        hi,
+    )
+    .await;
+    let without = timed_read(
+        conn,
+        "SELECT id FROM kurier.outbox WHERE id BETWEEN $1 AND $2 ORDER BY id",
+        lo,
+        hi,
+    )
+    .await;
+    with - without
+}
+
+async fn timed_read(conn: &mut sqlx::PgConnection, sql: &str, lo: i64, hi: i64) -> f64 {
+    let t = Instant::now();
+    sqlx::query(sql)
+        .bind(lo)
+        .bind(hi)
+        .fetch_all(conn)
+        .await
+        .unwrap();
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// A burst as a new user meets it: `n` rows inserted in ONE transaction

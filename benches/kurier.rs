@@ -183,12 +183,11 @@ where
     }
     let mut out = Figures::new();
     for key in rounds[0].keys() {
-        let mut v: Vec<f64> = rounds.iter().map(|r| r[key]).collect();
-        v.sort_by(f64::total_cmp);
+        let v: Vec<f64> = rounds.iter().map(|r| r[key]).collect();
         let pick = if key.ends_with("rss_mib") {
-            v[v.len() - 1]
+            v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
         } else {
-            v[v.len() / 2]
+            median(v)
         };
         out.insert(key, pick);
     }
@@ -389,7 +388,7 @@ async fn drain(db: &str, brokers: &str, kurier: &str, n: usize, f: &mut Figures)
 async fn drain_statements(f: &mut Figures) {
     use kurier::outbox::store::claim;
     const ROWS: usize = 100_000;
-    let batch = relay_batch_size();
+    let relay = relay_config();
     let db = fresh_db("statements").await;
     prefill(&db, "bench", ROWS).await;
     let pool = PgPool::connect(&db).await.unwrap();
@@ -405,8 +404,8 @@ async fn drain_statements(f: &mut Figures) {
     loop {
         let what = claim::Claim {
             owner: "bench",
-            limit: batch as u32,
-            max_bytes: 16 << 20,
+            limit: relay.batch_size,
+            max_bytes: relay.max_batch_bytes,
             skip: &[],
             start: 0,
         };
@@ -1343,12 +1342,17 @@ async fn pg_inbox_insert(pool: &PgPool, topic: &str, n: usize) -> f64 {
     n as f64 / t.elapsed().as_secs_f64()
 }
 
-/// `relay.batch_size` as the spawned daemons resolve it (they inherit this
-/// environment, e.g. `KURIER_RELAY_BATCH_SIZE`).
-fn relay_batch_size() -> usize {
+/// The relay's settings as the spawned daemons resolve them (they inherit
+/// this environment, e.g. `KURIER_RELAY_BATCH_SIZE`).
+fn relay_config() -> kurier_daemon::config::RelayConfig {
     use kurier_daemon::config::{Config, Overrides, ProcessEnv};
     let cfg = Config::load(None, &ProcessEnv, &Overrides::default()).expect("daemon config");
-    cfg.relay.batch_size as usize
+    cfg.relay
+}
+
+/// `relay.batch_size` as the spawned daemons resolve it.
+fn relay_batch_size() -> usize {
+    relay_config().batch_size as usize
 }
 
 /// Sends n messages (the bench's payloads and keys, a message-id header each)

@@ -53,16 +53,18 @@ async fn main() {
                     "pg_batched_insert_rows_per_s",
                     prefill(&db, &topic, n).await,
                 );
-                drain(&db, brokers, kurier, n, &mut r).await;
+                // The raw producer, the drain and the burst one right after
+                // the other: each ratio's two sides are seconds apart.
                 raw_producer_cpu(brokers, n, &mut r).await;
+                drain(&db, brokers, kurier, n, &mut r).await;
+                drop_db(&db).await;
+                burst_drain(brokers, kurier, n, "burst", &mut r).await;
                 // The relay's batch discipline without the database: what
                 // waiting for a whole batch's reports alone costs.
                 r.insert(
                     "raw_producer_batch_at_a_time_msgs_per_s",
                     raw_producer(brokers, n, Some(relay_batch_size())).await,
                 );
-                drop_db(&db).await;
-                burst_drain(brokers, kurier, n, "burst", &mut r).await;
                 r.insert(
                     "burst_vs_analyzed_drain",
                     r["burst_drain_msgs_per_s"] / r["relay_drain_msgs_per_s"],
@@ -70,6 +72,17 @@ async fn main() {
                 r.insert(
                     "relay_vs_raw",
                     r["relay_drain_msgs_per_s"] / r["raw_producer_msgs_per_s"],
+                );
+                // The same without the daemon's start (a fixed cost, not a
+                // per-message one: it is `relay_start_s` at any N).
+                r.insert(
+                    "relay_after_start_vs_raw",
+                    r["relay_drain_after_start_msgs_per_s"] / r["raw_producer_msgs_per_s"],
+                );
+                r.insert(
+                    "burst_after_start_vs_analyzed",
+                    r["burst_drain_after_start_msgs_per_s"]
+                        / r["relay_drain_after_start_msgs_per_s"],
                 );
                 r.insert(
                     "relay_vs_raw_batch_at_a_time",
@@ -164,7 +177,7 @@ async fn main() {
 }
 
 /// Rounds of the parts whose figures are compared as ratios.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 /// Runs `part` ROUNDS times, one round after the other, so that each ratio is
 /// taken within a round (both sides measured seconds apart), and keeps each
@@ -365,14 +378,14 @@ async fn drain(db: &str, brokers: &str, kurier: &str, n: usize, f: &mut Figures)
         .execute(&pool)
         .await
         .unwrap();
+    let first = first_id(&pool).await;
     let t = Instant::now();
     let meter = CpuMeter::start();
     let d = spawn(kurier, &[("DATABASE_URL", db), ("KAFKA_BROKERS", brokers)]);
-    wait_drained(&pool).await;
-    let secs = t.elapsed().as_secs_f64();
+    let times = time_drain(&pool, first, t).await;
     let (cpu, rss_kib) = proc_usage(d.0.id());
     let [broker, postgres, _] = meter.per_100k(n);
-    f.insert("relay_drain_msgs_per_s", n as f64 / secs);
+    times.insert("relay", n, f);
     f.insert("relay_cpu_s_per_100k", cpu * 100_000.0 / n as f64);
     f.insert("drain_broker_cpu_s_per_100k", broker);
     f.insert("drain_postgres_cpu_s_per_100k", postgres);
@@ -478,14 +491,14 @@ async fn burst_drain(brokers: &str, kurier: &str, n: usize, name: &str, f: &mut 
     let t = Instant::now();
     burst_insert(&pool, &topic, n).await;
     let insert = t.elapsed().as_secs_f64();
+    let first = first_id(&pool).await;
     let t = Instant::now();
     let d = spawn(kurier, &[("DATABASE_URL", &db), ("KAFKA_BROKERS", brokers)]);
-    wait_drained(&pool).await;
-    let secs = t.elapsed().as_secs_f64();
+    let times = time_drain(&pool, first, t).await;
     drop(d);
     pool.close().await;
     drop_db(&db).await;
-    f.insert(leak(format!("{name}_drain_msgs_per_s")), n as f64 / secs);
+    times.insert(name, n, f);
     f.insert(leak(format!("{name}_insert_s")), insert);
 }
 
@@ -1041,6 +1054,63 @@ async fn drain_instances(db: &str, brokers: &str, kurier: &str, n: usize, instan
 /// Returns once every outbox row was acknowledged and deleted. The probe walks
 /// the primary key (`count(*)` here would start a parallel scan every time and
 /// take CPU from the relay being measured).
+/// The outbox's lowest id (0 when empty), read before a drain starts.
+async fn first_id(pool: &PgPool) -> i64 {
+    count(pool, "SELECT coalesce(min(id), 0) FROM kurier.outbox").await
+}
+
+/// A drain's clock: from the daemon's spawn until the row with the lowest id
+/// (`first`) is gone, i.e. the first batch was claimed, delivered and
+/// deleted (process start, connections, leases, Kafka connection and that
+/// batch), and from then until the outbox is empty.
+struct DrainTimes {
+    start_s: f64,
+    total_s: f64,
+    /// Rows still in the outbox when the start ended.
+    rows_after_start: i64,
+}
+
+impl DrainTimes {
+    /// `<name>_drain_msgs_per_s` (the whole drain, start included),
+    /// `<name>_drain_after_start_msgs_per_s` and `<name>_start_s`.
+    fn insert(&self, name: &str, n: usize, f: &mut Figures) {
+        f.insert(
+            leak(format!("{name}_drain_msgs_per_s")),
+            n as f64 / self.total_s,
+        );
+        f.insert(
+            leak(format!("{name}_drain_after_start_msgs_per_s")),
+            self.rows_after_start as f64 / (self.total_s - self.start_s),
+        );
+        f.insert(leak(format!("{name}_start_s")), self.start_s);
+    }
+}
+
+/// Times the drain of an outbox whose lowest id was `first`, begun at `t`.
+async fn time_drain(pool: &PgPool, first: i64, t: Instant) -> DrainTimes {
+    let probe = "SELECT count(*) FROM kurier.outbox WHERE id = $1";
+    loop {
+        let left: i64 = sqlx::query_scalar(probe)
+            .bind(first)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let start_s = t.elapsed().as_secs_f64();
+    // The snapshot of this count is taken as it starts, right after the clock.
+    let rows_after_start = count(pool, "SELECT count(*) FROM kurier.outbox").await;
+    wait_drained(pool).await;
+    DrainTimes {
+        start_s,
+        total_s: t.elapsed().as_secs_f64(),
+        rows_after_start,
+    }
+}
+
 async fn wait_drained(pool: &PgPool) {
     let probe = "SELECT count(*) FROM (SELECT 1 FROM kurier.outbox ORDER BY id LIMIT 1) AS t";
     while count(pool, probe).await > 0 {

@@ -1341,24 +1341,38 @@ async fn inbox_vs_raw_consumer(brokers: &str, kurier: &str, n: usize, f: &mut Fi
     f.insert("raw_consumer_msgs_per_s", raw_rate);
     f.insert("inbox_ingest_msgs_per_s", inbox_rate);
     f.insert("inbox_vs_raw", inbox_rate / raw_rate);
-    let pg_rate = pg_inbox_insert(&pool, &topic, n).await;
+    let pg_rate = pg_inbox_insert(&pool, &topic, n, 1000).await;
     f.insert("pg_inbox_insert_rows_per_s", pg_rate);
     f.insert("inbox_vs_pg_insert", inbox_rate / pg_rate);
+    // Information: PostgreSQL's insert in batches of the writer's size.
+    let same_batch = pg_inbox_insert(&pool, &topic, n, inbox_batch_size()).await;
+    f.insert("pg_inbox_insert_writer_batch_rows_per_s", same_batch);
+    f.insert("inbox_vs_pg_insert_writer_batch", inbox_rate / same_batch);
     f.insert("inbox_cpu_s_per_100k", cpu * 100_000.0 / n as f64);
     f.insert("inbox_peak_rss_mib", rss as f64 / 1024.0);
     pool.close().await;
     drop_db(&db).await;
 }
 
-/// PostgreSQL's own batched insert rate into a table of the inbox's shape
-/// with its dedup index: the same rows as the bench's messages, 1,000 per
-/// statement and transaction, from one connection (as the writer stores),
-/// built before the clock starts.
-async fn pg_inbox_insert(pool: &PgPool, topic: &str, n: usize) -> f64 {
-    sqlx::query("CREATE TABLE bench_inbox (LIKE kurier.inbox INCLUDING ALL)")
-        .execute(pool)
-        .await
-        .unwrap();
+/// The inbox writer's batch size as the spawned daemon resolves it.
+fn inbox_batch_size() -> usize {
+    std::env::var("KURIER_INBOX_BATCH_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(kurier_daemon::config::INBOX_DEFAULT_BATCH_SIZE as usize)
+}
+
+/// PostgreSQL's own batched insert rate into a fresh table of the inbox's
+/// shape with its dedup index: the same rows as the bench's messages, `rows`
+/// per statement and transaction, from one connection (as the writer
+/// stores), built before the clock starts.
+async fn pg_inbox_insert(pool: &PgPool, topic: &str, n: usize, rows: usize) -> f64 {
+    sqlx::raw_sql(
+        "DROP TABLE IF EXISTS bench_inbox; CREATE TABLE bench_inbox (LIKE kurier.inbox INCLUDING ALL)",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
     type Batch = (
         Vec<String>,
         Vec<i32>,
@@ -1369,7 +1383,7 @@ async fn pg_inbox_insert(pool: &PgPool, topic: &str, n: usize) -> f64 {
     );
     let batches: Vec<Batch> = (0..n)
         .collect::<Vec<_>>()
-        .chunks(1000)
+        .chunks(rows)
         .map(|c| {
             let ids: Vec<String> = c.iter().map(|_| uuid::Uuid::new_v4().to_string()).collect();
             let headers = ids

@@ -151,6 +151,55 @@ async fn abort_between_db_commit_and_offset_commit_loses_nothing_and_stores_once
     eprintln!("3 aborts after DB commit: {dups} redelivered records dropped as duplicates");
 }
 
+/// `inbox.max_batch_bytes` closes a batch before `inbox.batch_size` does
+/// when messages are large: with 1,000-byte payloads, a 50-message batch
+/// size and a 10,000-byte bound, each transaction holds at most 10 messages,
+/// so the writer aborted at its 3rd commit has stored at most 30 (without
+/// the bound: 150, as in the test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_stop_at_the_byte_bound() {
+    let (db, brokers, topic) = (fresh_db().await, brokers(), unique("inbox-bytes"));
+    create_topic(&brokers, &topic, 1).await;
+    let producer = plain_producer(&brokers);
+    let payload = vec![b'x'; 1000];
+    for i in 0..200 {
+        let id = format!("bytes-{i}");
+        send_plain(
+            &producer,
+            &topic,
+            &format!("k{}", i % 10),
+            &payload,
+            Some(&id),
+        )
+        .await;
+    }
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("KAFKA_BROKERS", brokers.as_str()),
+        ("KURIER_RELAY_ENABLED", "false"),
+        ("KURIER_INBOX_TOPICS", topic.as_str()),
+        ("KURIER_INBOX_CONSUMER", "bytes"),
+        ("KURIER_INBOX_BATCH_SIZE", "50"),
+        ("KURIER_INBOX_MAX_BATCH_BYTES", "10000"),
+        // Long enough that only the bounds close a batch.
+        ("KURIER_INBOX_BATCH_WAIT_MS", "5000"),
+        ("KURIER_FAILPOINT_ABORT_AFTER_INBOX_COMMITS", "3"),
+    ];
+    let mut child = spawn_binary(kurier_bin!(), &["run"], &env);
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        !status.success(),
+        "the writer should have aborted at the failpoint"
+    );
+    let stored = inbox_count(&db.pool, "bytes").await;
+    assert!(
+        (3..=30).contains(&stored),
+        "3 commits of at most 10 messages (10 x 1,002 bytes reach the 10,000-byte bound): {stored} rows"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_writers_in_one_group_through_rebalances_store_each_id_once() {
     let (db, brokers, topic) = (fresh_db().await, brokers(), unique("inbox-rebalance"));

@@ -167,6 +167,7 @@ impl Daemon {
             consumer: cfg.sagas.consumer.clone(),
             topics: Vec::new(),
             batch_size: 1,
+            max_batch_bytes: 16 << 20,
             batch_wait: Duration::ZERO,
             message_id_headers: Vec::new(),
             properties: Default::default(),

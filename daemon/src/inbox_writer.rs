@@ -140,9 +140,13 @@ impl InboxWriter {
             }
         }
         let deadline = tokio::time::Instant::now() + self.cfg.batch_wait;
-        while batch.len() < self.cfg.batch_size as usize {
+        let mut bytes = batch.iter().map(size).sum::<u64>();
+        while batch.len() < self.cfg.batch_size as usize && bytes < self.cfg.max_batch_bytes {
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(m),
+                Ok(Ok(m)) => {
+                    bytes += size(&m);
+                    batch.push(m);
+                }
                 Ok(Err(e)) => tracing::warn!(error = %e, "inbox consumer error"),
                 Err(_) => break,
             }
@@ -194,4 +198,9 @@ impl InboxWriter {
         metrics::histogram!("kurier_inbox_batch_store_seconds")
             .record(started.elapsed().as_secs_f64());
     }
+}
+
+/// What a message adds to a batch's byte bound: its key and payload.
+fn size(m: &NewMessage) -> u64 {
+    (m.key.as_ref().map_or(0, Vec::len) + m.payload.as_ref().map_or(0, Vec::len)) as u64
 }

@@ -128,6 +128,7 @@ impl SagaRunner {
             consumer: self.cfg.consumer.clone(),
             topics: topics.to_vec(),
             batch_size: 1000,
+            max_batch_bytes: 16 << 20,
             batch_wait: Duration::from_millis(5),
             message_id_headers: vec![kurier::outbox::MESSAGE_ID_HEADER.into()],
             properties,

@@ -548,6 +548,7 @@ async fn sustained(brokers: &str, kurier: &str, f: &mut Figures) {
         if let Some(t) = threshold {
             env.push(("KURIER_RELAY_VACUUM_DEAD_ROWS", t));
         }
+        checkpoint(&pool).await;
         let d = spawn(kurier, &env);
         let t = Instant::now();
         let stop = tokio_util::sync::CancellationToken::new();
@@ -580,6 +581,16 @@ async fn sustained(brokers: &str, kurier: &str, f: &mut Figures) {
 
 /// The outbox's largest size (MiB, heap and indexes) and most dead rows,
 /// sampled every second until `stop`.
+/// Writes out the dirty buffers the parts before left (the 1M-row burst's,
+/// say), so that each variant of a long run starts from the same state and
+/// its own first writes after a checkpoint (full-page images) are its own.
+/// Needs a superuser or `pg_checkpoint`; without, says so and goes on.
+async fn checkpoint(pool: &PgPool) {
+    if let Err(e) = sqlx::query("CHECKPOINT").execute(pool).await {
+        eprintln!("bench: CHECKPOINT refused ({e}); the sustained variants may start unequal");
+    }
+}
+
 async fn largest_table(pool: PgPool, stop: tokio_util::sync::CancellationToken) -> (f64, f64) {
     let (mut mib, mut dead) = (0.0f64, 0.0f64);
     while !stop.is_cancelled() {

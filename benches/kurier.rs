@@ -579,8 +579,6 @@ async fn sustained(brokers: &str, kurier: &str, f: &mut Figures) {
     }
 }
 
-/// The outbox's largest size (MiB, heap and indexes) and most dead rows,
-/// sampled every second until `stop`.
 /// Writes out the dirty buffers the parts before left (the 1M-row burst's,
 /// say), so that each variant of a long run starts from the same state and
 /// its own first writes after a checkpoint (full-page images) are its own.
@@ -591,6 +589,8 @@ async fn checkpoint(pool: &PgPool) {
     }
 }
 
+/// The outbox's largest size (MiB, heap and indexes) and most dead rows,
+/// sampled every second until `stop`.
 async fn largest_table(pool: PgPool, stop: tokio_util::sync::CancellationToken) -> (f64, f64) {
     let (mut mib, mut dead) = (0.0f64, 0.0f64);
     while !stop.is_cancelled() {
@@ -1062,9 +1062,6 @@ async fn drain_instances(db: &str, brokers: &str, kurier: &str, n: usize, instan
     rate
 }
 
-/// Returns once every outbox row was acknowledged and deleted. The probe walks
-/// the primary key (`count(*)` here would start a parallel scan every time and
-/// take CPU from the relay being measured).
 /// The outbox's lowest id (0 when empty), read before a drain starts.
 async fn first_id(pool: &PgPool) -> i64 {
     count(pool, "SELECT coalesce(min(id), 0) FROM kurier.outbox").await
@@ -1122,6 +1119,9 @@ async fn time_drain(pool: &PgPool, first: i64, t: Instant) -> DrainTimes {
     }
 }
 
+/// Returns once every outbox row was acknowledged and deleted. The probe walks
+/// the primary key (`count(*)` here would start a parallel scan every time and
+/// take CPU from the relay being measured).
 async fn wait_drained(pool: &PgPool) {
     let probe = "SELECT count(*) FROM (SELECT 1 FROM kurier.outbox ORDER BY id LIMIT 1) AS t";
     while count(pool, probe).await > 0 {
@@ -1365,12 +1365,23 @@ async fn inbox_vs_raw_consumer(brokers: &str, kurier: &str, n: usize, f: &mut Fi
     drop_db(&db).await;
 }
 
-/// The inbox writer's batch size as the spawned daemon resolves it.
+/// The inbox writer's batch size as the spawned daemon resolves it (this
+/// environment, which it inherits, plus the topic and consumer the bench
+/// gives it).
 fn inbox_batch_size() -> usize {
-    std::env::var("KURIER_INBOX_BATCH_SIZE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(kurier_daemon::config::INBOX_DEFAULT_BATCH_SIZE as usize)
+    use kurier_daemon::config::{Config, Env, Overrides, ProcessEnv};
+    struct AsSpawned;
+    impl Env for AsSpawned {
+        fn get(&self, name: &str) -> Option<String> {
+            match name {
+                "KURIER_INBOX_TOPICS" => Some("bench-inbox".into()),
+                "KURIER_INBOX_CONSUMER" => Some("bench".into()),
+                _ => ProcessEnv.get(name),
+            }
+        }
+    }
+    let cfg = Config::load(None, &AsSpawned, &Overrides::default()).expect("daemon config");
+    cfg.inbox.expect("topics given").batch_size as usize
 }
 
 /// PostgreSQL's own batched insert rate into a fresh table of the inbox's

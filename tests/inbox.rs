@@ -110,14 +110,7 @@ async fn abort_between_db_commit_and_offset_commit_loses_nothing_and_stores_once
         // first fetch after joining the group: 3 commits store 150 rows.
         e.push(("KURIER_INBOX_BATCH_WAIT_MS", "5000".into()));
         let pairs: Vec<(&str, &str)> = e.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let mut child = spawn_binary(kurier_bin!(), &["run"], &pairs);
-        let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-            .await
-            .unwrap();
-        assert!(
-            !status.success(),
-            "run {run} should have aborted at the failpoint"
-        );
+        run_to_failpoint(&pairs, &format!("run {run}")).await;
     }
     let after_aborts = inbox_count(&db.pool, "ledger").await;
     assert!(
@@ -149,6 +142,19 @@ async fn abort_between_db_commit_and_offset_commit_loses_nothing_and_stores_once
         "batches committed before each abort must come back as duplicates, got {dups}"
     );
     eprintln!("3 aborts after DB commit: {dups} redelivered records dropped as duplicates");
+}
+
+/// `kurier run` with `env` (which sets a failpoint) until it exits, which
+/// must be the failpoint's abort, not a clean stop.
+async fn run_to_failpoint(env: &[(&str, &str)], what: &str) {
+    let mut child = spawn_binary(kurier_bin!(), &["run"], env);
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        !status.success(),
+        "{what} should have aborted at the failpoint"
+    );
 }
 
 /// `inbox.max_batch_bytes` closes a batch before `inbox.batch_size` does
@@ -185,14 +191,7 @@ async fn batches_stop_at_the_byte_bound() {
         ("KURIER_INBOX_BATCH_WAIT_MS", "5000"),
         ("KURIER_FAILPOINT_ABORT_AFTER_INBOX_COMMITS", "3"),
     ];
-    let mut child = spawn_binary(kurier_bin!(), &["run"], &env);
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
-    assert!(
-        !status.success(),
-        "the writer should have aborted at the failpoint"
-    );
+    run_to_failpoint(&env, "the writer").await;
     let stored = inbox_count(&db.pool, "bytes").await;
     assert!(
         (3..=30).contains(&stored),

@@ -55,7 +55,7 @@ pub struct InboxConfig {
 /// Messages per transaction by default, as the relay's batch: at 1,000 the
 /// per-commit cost held ingest to 0.81-0.89 x PostgreSQL's batched insert,
 /// at 5,000 0.96-1.03 (docs/performance.md, 2026-12-03).
-pub const DEFAULT_BATCH_SIZE: u32 = 5000;
+const DEFAULT_BATCH_SIZE: u32 = 5000;
 
 /// `None` when no topics are configured (no inbox writer runs).
 pub(super) fn resolve(raw: RawInbox, k: &Keys) -> Result<Option<InboxConfig>, ConfigError> {

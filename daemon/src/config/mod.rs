@@ -25,7 +25,7 @@ use kurier::SchemaName;
 use serde::Deserialize;
 
 pub use self::database::DatabaseConfig;
-pub use self::inbox::{InboxConfig, DEFAULT_BATCH_SIZE as INBOX_DEFAULT_BATCH_SIZE};
+pub use self::inbox::InboxConfig;
 pub use self::projections::ProjectionsConfig;
 pub use self::relay::RelayConfig;
 pub use self::sagas::SagasConfig;

@@ -129,6 +129,156 @@ async fn a_retried_append_stores_one_copy_and_an_id_belongs_to_one_stream() {
     assert_eq!(es.stream_version("order-3").await.unwrap(), None);
 }
 
+/// The batch forms of `kurier.append_events`: a batch retried whole stores
+/// one copy (recognised before the version check), a batch that reuses
+/// stored ids anywhere in it or holds an id twice stores nothing, and bad
+/// input is refused with the element it concerns, from Rust, from SQL with
+/// the JSON form and with the array form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_batch_stores_one_copy_and_a_refused_batch_stores_nothing() {
+    let db = fresh_db().await;
+    let es = store(&db.pool);
+    let batch: Vec<NewEvent> = (0..3).map(ev).collect();
+    let first = es.append("order-1", Expected::NoStream, &batch).await;
+    let again = es.append("order-1", Expected::NoStream, &batch).await;
+    assert_eq!((first.unwrap(), again.unwrap()), (2, 2));
+    let code = |r: Result<i64, Error>| r.unwrap_err().sqlstate().unwrap_or_default();
+    // The same ids in another stream; a stored id first or last in a new
+    // batch; one id twice.
+    assert_eq!(
+        code(es.append("order-2", Expected::Any, &batch).await),
+        "KU422"
+    );
+    let stored_first = [batch[0].clone(), ev(3)];
+    assert_eq!(
+        code(es.append("order-1", Expected::Any, &stored_first).await),
+        "KU422"
+    );
+    let stored_last = [ev(3), batch[2].clone()];
+    let err = es
+        .append("order-1", Expected::Any, &stored_last)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("partly stored already"), "{err}");
+    let twice = [
+        ev(4),
+        ev(5).event_id(batch[0].event_id),
+        ev(6).event_id(batch[0].event_id),
+    ];
+    let err = es
+        .append("order-3", Expected::Any, &twice)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("events[1] and events[2] have the same event_id"),
+        "{err}"
+    );
+
+    // SQL, JSON form: a retry with the same expected version; bad elements.
+    let json_batch = json!([{"type": "A", "data": 1, "event_id": Uuid::new_v4()},
+                            {"type": "B", "data": null, "metadata": null, "event_id": Uuid::new_v4()}]);
+    let append_json = |expected: Option<i64>, events: serde_json::Value| {
+        sqlx::query_scalar::<_, i64>("SELECT kurier.append_events('order-4', $1, $2)")
+            .bind(expected)
+            .bind(events)
+            .fetch_one(&db.pool)
+    };
+    assert_eq!(append_json(Some(-1), json_batch.clone()).await.unwrap(), 1);
+    assert_eq!(append_json(Some(-1), json_batch).await.unwrap(), 1);
+    let refused = [
+        (
+            json!([{"type": "A", "data": 1}, 5]),
+            "events[1] is a JSON number, not an object",
+        ),
+        (
+            json!([{"type": "A", "data": 1, "event_id": "nope"}]),
+            r#"events[0] has "event_id" "nope", not a UUID string"#,
+        ),
+        (
+            json!([{"type": "A", "data": 1, "extra": 1}]),
+            r#"events[0] has unknown key "extra""#,
+        ),
+        (json!([{"type": "A"}]), r#"events[0] has no "data""#),
+        (
+            json!([{"type": "A", "data": 1, "metadata": [1]}]),
+            r#"events[0] has "metadata" that is a JSON array"#,
+        ),
+        (json!([]), "is an empty array"),
+    ];
+    for (events, message) in refused {
+        let err = append_json(None, events).await.unwrap_err();
+        let db_err = err.as_database_error().expect("a database error");
+        assert_eq!(db_err.code().as_deref(), Some("22023"), "{err}");
+        assert!(
+            db_err.message().contains(message),
+            "{err}, expected {message}"
+        );
+    }
+    // Any spelling PostgreSQL's uuid type reads is an event id.
+    let braced =
+        json!([{"type": "A", "data": 1, "event_id": "{a0eebc999c0b4ef8bb6d6bb9bd380a11}"}]);
+    assert_eq!(append_json(Some(1), braced).await.unwrap(), 2);
+
+    // SQL, array form: element i of each array is event i.
+    let append_arrays = |sql: &'static str| sqlx::query_scalar::<_, i64>(sql).fetch_one(&db.pool);
+    let v = append_arrays(
+        "SELECT kurier.append_events('order-5', -1, ARRAY['A', 'B'], ARRAY['1', 'null']::jsonb[], \
+         ARRAY['{\"k\": 1}', 'null']::jsonb[])",
+    )
+    .await
+    .unwrap();
+    assert_eq!(v, 1);
+    let read = es.read_stream("order-5", 0, 10).await.unwrap();
+    let shape: Vec<_> = read
+        .iter()
+        .map(|e| (e.event_type.as_str(), e.data.clone(), e.metadata.clone()))
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            ("A", Some(json!(1)), Some(json!({"k": 1}))),
+            ("B", Some(json!(null)), None)
+        ]
+    );
+    for (sql, state, message) in [
+        ("SELECT kurier.append_events('order-5', NULL, ARRAY['A'], ARRAY['1', '2']::jsonb[])",
+         "22023", "has 1 types but 2 data"),
+        ("SELECT kurier.append_events('order-5', NULL, ARRAY['A', 'B'], ARRAY['1', NULL]::jsonb[])",
+         "22004", "events[1] has NULL data"),
+        ("SELECT kurier.append_events('order-5', NULL, ARRAY['A', ''], ARRAY['1', '2']::jsonb[])",
+         "22023", "events[1] has no type"),
+        ("SELECT kurier.append_events('order-5', 0, ARRAY['A'], ARRAY['1']::jsonb[])",
+         "KU409", "order-5 is at version 1, expected 0"),
+    ] {
+        let err = append_arrays(sql).await.unwrap_err();
+        let db_err = err.as_database_error().expect("a database error");
+        assert_eq!(db_err.code().as_deref(), Some(state), "{err}");
+        assert!(db_err.message().contains(message), "{err}, expected {message}");
+    }
+
+    // Nothing refused was stored or published: 3 + 2 + 1 + 2 events.
+    let stored: (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM kurier.events), (SELECT count(*) FROM kurier.outbox)",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, (8, 8));
+    for (stream, version) in [
+        ("order-1", Some(2)),
+        ("order-2", None),
+        ("order-3", None),
+        ("order-5", Some(1)),
+    ] {
+        assert_eq!(
+            es.stream_version(stream).await.unwrap(),
+            version,
+            "{stream}"
+        );
+    }
+}
+
 /// Writers that hold their transactions open for a while (some roll back)
 /// while a reader keeps only its last position: it sees every committed
 /// event once, in ascending order, none of the rolled-back ones.

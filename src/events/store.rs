@@ -73,6 +73,8 @@ async fn append_one(
         .await
 }
 
+/// A batch of JSON events as the array form of `kurier.append_events`: one
+/// array per column, bound as they are (no JSON envelope to build and parse).
 async fn append_batch(
     conn: &mut PgConnection,
     schema: &SchemaName,
@@ -80,21 +82,32 @@ async fn append_batch(
     expected: Expected,
     events: &[NewEvent],
 ) -> Result<i64, sqlx::Error> {
-    let batch: Vec<serde_json::Value> = events
+    let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+    let data: Vec<&serde_json::Value> = events
         .iter()
-        .map(|e| {
-            let EventData::Json(data) = &e.data else {
-                unreachable!("only JSON events are batched")
-            };
-            serde_json::json!({"type": e.event_type, "data": data, "metadata": e.metadata, "event_id": e.event_id})
+        .map(|e| match &e.data {
+            EventData::Json(v) => v,
+            EventData::Bytes(_) => unreachable!("only JSON events are batched"),
         })
         .collect();
-    sqlx::query_scalar(&schema.sql("SELECT kurier.append_events($1, $2, $3)"))
-        .bind(stream)
-        .bind(expected.as_sql())
-        .bind(serde_json::Value::Array(batch))
-        .fetch_one(conn)
-        .await
+    // NULL as a whole when no event has metadata: the function then skips
+    // its per-element metadata check.
+    let metadata: Option<Vec<Option<&serde_json::Value>>> = events
+        .iter()
+        .any(|e| e.metadata.is_some())
+        .then(|| events.iter().map(|e| e.metadata.as_ref()).collect());
+    let ids: Vec<uuid::Uuid> = events.iter().map(|e| e.event_id).collect();
+    sqlx::query_scalar(&schema.sql(
+        "SELECT kurier.append_events($1, $2, $3::text[], $4::jsonb[], $5::jsonb[], $6::uuid[])",
+    ))
+    .bind(stream)
+    .bind(expected.as_sql())
+    .bind(types)
+    .bind(data)
+    .bind(metadata)
+    .bind(ids)
+    .fetch_one(conn)
+    .await
 }
 
 /// KU409 as [`Error::VersionConflict`], read from the contract's message

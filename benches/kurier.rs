@@ -617,8 +617,8 @@ async fn largest_table(pool: PgPool, stop: tokio_util::sync::CancellationToken) 
 /// for `APPEND_SECS` seconds; then with batches of 100 per transaction. The
 /// three run back to back in each of ROUNDS rounds (the ratios are taken
 /// within a round, medians kept: this shared machine's speed drifts by more
-/// than the difference measured). And `read_all` catch-up: every event from
-/// position 0 in pages of 10,000.
+/// than the difference measured). And `read_all` catch-up in rounds too
+/// ([`catch_up_round`]).
 async fn events(f: &mut Figures) {
     let db = fresh_db("events").await;
     let pool = PgPoolOptions::new()
@@ -635,6 +635,16 @@ async fn events(f: &mut Figures) {
     .unwrap();
     f.extend(median_of_rounds(|| appends_round(&pool)).await);
     let total: i64 = count(&pool, "SELECT count(*) FROM kurier.events").await;
+    f.extend(median_of_rounds(|| catch_up_round(&pool, total)).await);
+    pool.close().await;
+    drop_db(&db).await;
+}
+
+/// One round of [`events`]' catch-up: every event from position 0 in pages
+/// of 10,000 through `EventStore::read_all` (the figure), then through
+/// `SELECT * FROM kurier.read_all(...)` (information: the SQL function, which
+/// builds each page before sending it).
+async fn catch_up_round(pool: &PgPool, total: i64) -> Figures {
     let es = kurier::events::EventStore::new(pool.clone());
     let t = Instant::now();
     let (mut after, mut read) = (0i64, 0i64);
@@ -645,13 +655,28 @@ async fn events(f: &mut Figures) {
         read += page.len() as i64;
     }
     assert_eq!(read, total, "catch-up read every event");
-    f.insert(
-        "read_all_catch_up_events_per_s",
-        read as f64 / t.elapsed().as_secs_f64(),
-    );
+    let library = read as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let (mut after, mut read) = (0i64, 0i64);
+    loop {
+        let page: Vec<kurier::events::RecordedEvent> =
+            sqlx::query_as("SELECT * FROM kurier.read_all($1, 10000)")
+                .bind(after)
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.global_position;
+        read += page.len() as i64;
+    }
+    assert_eq!(read, total, "catch-up read every event");
+    let sql = read as f64 / t.elapsed().as_secs_f64();
+    let mut f = Figures::new();
     f.insert("read_all_catch_up_events", read as f64);
-    pool.close().await;
-    drop_db(&db).await;
+    f.insert("read_all_catch_up_events_per_s", library);
+    f.insert("read_all_sql_function_catch_up_events_per_s", sql);
+    f.insert("read_all_library_vs_sql_function", library / sql);
+    f
 }
 
 /// One round of [`events`]' appends: plain, plain with outbox rows, append,

@@ -279,6 +279,53 @@ async fn a_retried_batch_stores_one_copy_and_a_refused_batch_stores_nothing() {
     }
 }
 
+/// `EventStore::read_all` runs `kurier.read_all`'s protocol from the client
+/// (so that pages stream); it returns exactly what the SQL function returns,
+/// page by page, with and without a category, and refuses what it refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_library_reads_all_events_as_the_sql_function_does() {
+    let db = fresh_db().await;
+    let es = store(&db.pool);
+    for s in 0..30 {
+        let stream = if s % 3 == 0 {
+            format!("invoice-{s}")
+        } else {
+            format!("order-{s}")
+        };
+        let events: Vec<NewEvent> = (0..7).map(ev).collect();
+        es.append(&stream, Expected::NoStream, &events)
+            .await
+            .unwrap();
+    }
+    for category in [None, Some("invoice"), Some("order"), Some("none")] {
+        let (mut after, mut pages) = (0i64, 0);
+        loop {
+            let lib = es.read_all(after, 25, category).await.unwrap();
+            let sql: Vec<kurier::events::RecordedEvent> =
+                sqlx::query_as("SELECT * FROM kurier.read_all($1, $2, $3)")
+                    .bind(after)
+                    .bind(25)
+                    .bind(category)
+                    .fetch_all(&db.pool)
+                    .await
+                    .unwrap();
+            assert_eq!(lib, sql, "{category:?} after {after}");
+            let Some(last) = lib.last() else { break };
+            after = last.global_position;
+            pages += 1;
+        }
+        let expected_pages = match category {
+            None => 210usize.div_ceil(25),
+            Some("invoice") => 70usize.div_ceil(25),
+            Some("order") => 140usize.div_ceil(25),
+            _ => 0,
+        };
+        assert_eq!(pages, expected_pages, "{category:?}");
+    }
+    let err = es.read_all(0, 0, None).await.unwrap_err();
+    assert_eq!(err.sqlstate().as_deref(), Some("22023"), "{err}");
+}
+
 /// Writers that hold their transactions open for a while (some roll back)
 /// while a reader keeps only its last position: it sees every committed
 /// event once, in ascending order, none of the rolled-back ones.

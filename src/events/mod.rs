@@ -212,7 +212,7 @@ impl EventStore {
         max: i32,
         category: Option<&str>,
     ) -> Result<Vec<RecordedEvent>, Error> {
-        store::read_all(&self.pool, &self.schema, after, max, category).await
+        store::read_all_streamed(&self.pool, &self.schema, after, max, category).await
     }
 
     /// The stream's last version; `None` when it does not exist.

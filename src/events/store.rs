@@ -148,6 +148,77 @@ pub async fn read_stream<'e, E: PgExecutor<'e>>(
     Ok(events)
 }
 
+/// Statement 3 of `kurier.read_all` (`migrations/0005_event_store.sql`),
+/// without and with a category: the events between a position and the
+/// bound, in order. Kept identical to the function's two queries
+/// (`tests/events.rs` compares the two paths).
+const READ_ALL_PAGE: &str =
+    "SELECT e.stream, e.version, e.global_position, e.type, e.data, e.metadata, \
+            e.event_id, e.recorded_at, e.data_bytes, e.category \
+     FROM kurier.events e \
+     WHERE e.global_position > $1 AND e.global_position < $2 \
+     ORDER BY e.global_position LIMIT $3";
+const READ_CATEGORY_PAGE: &str =
+    "SELECT e.stream, e.version, e.global_position, e.type, e.data, e.metadata, \
+            e.event_id, e.recorded_at, e.data_bytes, e.category \
+     FROM kurier.events e \
+     WHERE e.category = $4 AND e.global_position > $1 AND e.global_position < $2 \
+     ORDER BY e.global_position LIMIT $3";
+
+/// `kurier.read_all`'s protocol run from the client, so that the page
+/// streams: PL/pgSQL's `RETURN QUERY` builds the whole page before sending
+/// its first row (20-25 ms per 10,000 events against 6-7 ms for the query),
+/// here PostgreSQL sends rows while the client decodes them. One READ
+/// COMMITTED transaction: `kurier.read_all_bound()` first, then the page in
+/// a later statement (a snapshot taken after the sample, as the function
+/// does), with sorting off for the transaction as the function has it, so
+/// that a never-analyzed table still gets the ordered index walk.
+pub async fn read_all_streamed(
+    pool: &PgPool,
+    schema: &SchemaName,
+    after: i64,
+    max: i32,
+    category: Option<&str>,
+) -> Result<Vec<RecordedEvent>, Error> {
+    if max < 1 {
+        // The function's error for it.
+        return read_all(pool, schema, after, max, category).await;
+    }
+    let mut tx = pool
+        .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+        .await?;
+    let bound: Option<i64> = sqlx::query_scalar(
+        &schema.sql("SELECT kurier.read_all_bound() FROM set_config('enable_sort', 'off', true)"),
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    // NULL: an appender is between drawing and advertising; nothing this
+    // time, as the function answers.
+    let events = match bound {
+        Some(bound) if bound > after + 1 => {
+            let page = if category.is_some() {
+                READ_CATEGORY_PAGE
+            } else {
+                READ_ALL_PAGE
+            };
+            let sql = schema.sql(page);
+            let query = sqlx::query_as(&sql)
+                .bind(after)
+                .bind(bound)
+                .bind(i64::from(max));
+            match category {
+                Some(c) => query.bind(c),
+                None => query,
+            }
+            .fetch_all(&mut *tx)
+            .await?
+        }
+        _ => Vec::new(),
+    };
+    tx.commit().await?;
+    Ok(events)
+}
+
 /// `kurier.read_all` (must run under READ COMMITTED, as a pool's connections do).
 pub async fn read_all<'e, E: PgExecutor<'e>>(
     executor: E,

@@ -14,16 +14,17 @@
 -- event rows' insert, mostly in per-element checks (the event_id regex alone
 -- ~6 us per element) and an event_id probe per element for the idempotent
 -- retry. Now a well-formed batch is checked in the pass that extracts it, the
--- per-element report runs only when that pass finds a problem, and the retry
--- probe looks up the first event's id only: a batch is stored atomically, so a
--- batch whose first id is not stored is no retry of a stored batch; any other
--- id already stored is caught by the insert (ON CONFLICT), and is then
--- reported as before (KU422, or 22023 for an id twice in the batch).
+-- per-element report runs only when that pass finds a problem, and on the
+-- way to a successful append the retry probe looks up the first event's id
+-- only: a batch is stored atomically, so a batch whose first id is not stored
+-- is no retry of a stored batch. The checks 0005 made up front (an id twice in
+-- the batch: 22023; ids stored before: KU422) run where an append fails:
+-- before a KU409, in the retry path, and when the insert skipped a row (ON
+-- CONFLICT), so every batch gets the error 0005 gave it.
 --
--- One difference from 0005: a batch that reuses stored ids, but not its first
--- event's, and has a wrong expected_version now gets KU409 rather than KU422.
--- Both store nothing. A whole batch retried is still recognised before the
--- version check.
+-- One difference from 0005: event ids may be written in any spelling
+-- PostgreSQL's uuid type reads (braces, no hyphens); 0005 took only the
+-- 8-4-4-4-12 form.
 --
 -- Written against schema kurier; other schemas get this text with every
 -- "kurier." replaced.
@@ -60,6 +61,23 @@ CREATE FUNCTION kurier.event_batch_problem(events jsonb) RETURNS text
     ORDER BY x.i LIMIT 1
 $fn$;
 
+-- 22023 if an id occurs twice in a batch (the first such pair), else nothing.
+CREATE FUNCTION kurier.event_batch_duplicates(p_stream text, ids uuid[])
+    RETURNS void LANGUAGE plpgsql AS $fn$
+DECLARE
+    problem text;
+BEGIN
+    SELECT format('events[%s] and events[%s] have the same event_id %s', min(x.i) - 1, max(x.i) - 1, x.id)
+    INTO problem
+    FROM unnest(ids) WITH ORDINALITY AS x(id, i)
+    WHERE x.id IS NOT NULL
+    GROUP BY x.id HAVING count(*) > 1 ORDER BY min(x.i) LIMIT 1;
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'kurier: invalid batch for stream %: %', p_stream, problem USING ERRCODE = '22023';
+    END IF;
+END;
+$fn$;
+
 -- Why a batch of this stream stored fewer rows than it has events (called
 -- after its insert skipped rows, before the append raises): an id twice in
 -- the batch, or ids stored before (in another stream or in this one). Rows of
@@ -67,17 +85,10 @@ $fn$;
 CREATE FUNCTION kurier.event_batch_conflict(p_stream text, ids uuid[], first_version bigint)
     RETURNS void LANGUAGE plpgsql AS $fn$
 DECLARE
-    problem text;
     other   text;
     stored  int;
 BEGIN
-    SELECT format('events[%s] and events[%s] have the same event_id %s', min(x.i) - 1, max(x.i) - 1, x.id)
-    INTO problem
-    FROM unnest(ids) WITH ORDINALITY AS x(id, i)
-    GROUP BY x.id HAVING count(*) > 1 ORDER BY min(x.i) LIMIT 1;
-    IF problem IS NOT NULL THEN
-        RAISE EXCEPTION 'kurier: invalid batch for stream %: %', p_stream, problem USING ERRCODE = '22023';
-    END IF;
+    PERFORM kurier.event_batch_duplicates(p_stream, ids);
     SELECT count(*), min(e.stream) FILTER (WHERE e.stream <> p_stream)
     INTO stored, other
     FROM kurier.events e
@@ -145,7 +156,7 @@ BEGIN
             coalesce(cardinality(ids)::text, 'NULL')
             USING ERRCODE = '22023', HINT = 'element i of each array describes event i; metadata and event_ids may be NULL';
     END IF;
-    bad := coalesce(kurier.first_null_index(types), array_position(types, '') - array_lower(types, 1));
+    bad := least(kurier.first_null_index(types), array_position(types, '') - array_lower(types, 1));
     IF bad IS NOT NULL THEN
         RAISE EXCEPTION 'kurier: invalid batch for stream %: events[%] has no type (a non-empty string)', p_stream, bad
             USING ERRCODE = '22023';
@@ -187,6 +198,12 @@ BEGIN
     END IF;
 
     IF p_expected IS NOT NULL AND p_expected <> v_last - n THEN
+        -- Before the conflict, what 0005 checked first: an id twice (22023),
+        -- ids stored before (KU422, from the retry path).
+        PERFORM kurier.event_batch_duplicates(p_stream, event_ids);
+        IF EXISTS (SELECT FROM kurier.events e WHERE e.event_id = ANY (event_ids)) THEN
+            RETURN kurier.event_batch_retry(p_stream, event_ids, v_last, n);
+        END IF;
         RAISE EXCEPTION 'kurier: stream % is at version %, expected %', p_stream, v_last - n, p_expected
             USING ERRCODE = 'KU409', HINT = 'reload the stream and retry';
     END IF;
@@ -239,6 +256,7 @@ DECLARE
     other       text;
     last_id     uuid := event_ids[array_upper(event_ids, 1)];
 BEGIN
+    PERFORM kurier.event_batch_duplicates(p_stream, event_ids);
     SELECT count(*), count(*) FILTER (WHERE e.stream = p_stream),
            max(e.version) FILTER (WHERE e.event_id = last_id AND e.stream = p_stream),
            min(e.stream) FILTER (WHERE e.stream <> p_stream)
@@ -290,13 +308,14 @@ BEGIN
         SELECT array_agg((x.e ->> 'event_id')::uuid), array_agg(x.e ->> 'type'), array_agg(x.e -> 'data'),
                array_agg(x.e -> 'metadata'),
                -- CASE: the tests after the first assume an object.
-               bool_and(CASE WHEN jsonb_typeof(x.e) = 'object' THEN
+               -- coalesce: bool_and skips NULLs (a missing key gives one).
+               bool_and(coalesce(CASE WHEN jsonb_typeof(x.e) = 'object' THEN
                             jsonb_typeof(x.e -> 'type') = 'string' AND x.e ->> 'type' <> ''
                             AND x.e ? 'data'
                             AND coalesce(jsonb_typeof(x.e -> 'metadata'), 'null') IN ('object', 'null')
                             AND coalesce(jsonb_typeof(x.e -> 'event_id'), 'null') IN ('string', 'null')
                             AND (x.e - '{type,data,metadata,event_id}'::text[]) = '{}'::jsonb
-                        ELSE false END),
+                        ELSE false END, false)),
                bool_and(jsonb_typeof(x.e -> 'metadata') IS DISTINCT FROM 'object')
         INTO ids, types, datas, metas, ok, no_meta
         -- Aggregates take their input in the subquery's order (one scan, no

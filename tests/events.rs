@@ -144,7 +144,8 @@ async fn a_retried_batch_stores_one_copy_and_a_refused_batch_stores_nothing() {
     assert_eq!((first.unwrap(), again.unwrap()), (2, 2));
     let code = |r: Result<i64, Error>| r.unwrap_err().sqlstate().unwrap_or_default();
     // The same ids in another stream; a stored id first or last in a new
-    // batch; one id twice.
+    // batch (also with a wrong expected version: the stored id is reported,
+    // as the idempotency check comes before the version check).
     assert_eq!(
         code(es.append("order-2", Expected::Any, &batch).await),
         "KU422"
@@ -155,25 +156,37 @@ async fn a_retried_batch_stores_one_copy_and_a_refused_batch_stores_nothing() {
         "KU422"
     );
     let stored_last = [ev(3), batch[2].clone()];
-    let err = es
-        .append("order-1", Expected::Any, &stored_last)
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("partly stored already"), "{err}");
-    let twice = [
-        ev(4),
-        ev(5).event_id(batch[0].event_id),
-        ev(6).event_id(batch[0].event_id),
-    ];
-    let err = es
-        .append("order-3", Expected::Any, &twice)
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("events[1] and events[2] have the same event_id"),
-        "{err}"
-    );
+    for expected in [Expected::Any, Expected::Exact(9)] {
+        let err = es
+            .append("order-1", expected, &stored_last)
+            .await
+            .unwrap_err();
+        assert_eq!(err.sqlstate().as_deref(), Some("KU422"), "{err}");
+        assert!(err.to_string().contains("partly stored already"), "{err}");
+    }
+    // One id twice: a new one, a stored one (first in the batch), and with a
+    // wrong expected version: always the batch's fault, 22023.
+    let dup = Uuid::new_v4();
+    let twice_new = [ev(4), ev(5).event_id(dup), ev(6).event_id(dup)];
+    let twice_stored = [batch[0].clone(), batch[0].clone()];
+    for (stream, expected, events) in [
+        ("order-3", Expected::Any, &twice_new[..]),
+        ("order-3", Expected::Exact(7), &twice_new[..]),
+        ("order-1", Expected::Any, &twice_stored[..]),
+    ] {
+        let err = es.append(stream, expected, events).await.unwrap_err();
+        assert_eq!(err.sqlstate().as_deref(), Some("22023"), "{err}");
+        let pair = if events.len() == 3 {
+            "events[1] and events[2]"
+        } else {
+            "events[0] and events[1]"
+        };
+        assert!(
+            err.to_string()
+                .contains(&format!("{pair} have the same event_id")),
+            "{err}"
+        );
+    }
 
     // SQL, JSON form: a retry with the same expected version; bad elements.
     let json_batch = json!([{"type": "A", "data": 1, "event_id": Uuid::new_v4()},
@@ -200,6 +213,7 @@ async fn a_retried_batch_stores_one_copy_and_a_refused_batch_stores_nothing() {
             r#"events[0] has unknown key "extra""#,
         ),
         (json!([{"type": "A"}]), r#"events[0] has no "data""#),
+        (json!([{"data": 1}]), r#"events[0] has no "type""#),
         (
             json!([{"type": "A", "data": 1, "metadata": [1]}]),
             r#"events[0] has "metadata" that is a JSON array"#,
@@ -248,6 +262,8 @@ async fn a_retried_batch_stores_one_copy_and_a_refused_batch_stores_nothing() {
          "22004", "events[1] has NULL data"),
         ("SELECT kurier.append_events('order-5', NULL, ARRAY['A', ''], ARRAY['1', '2']::jsonb[])",
          "22023", "events[1] has no type"),
+        ("SELECT kurier.append_events('order-5', NULL, ARRAY['', NULL], ARRAY['1', '2']::jsonb[])",
+         "22023", "events[0] has no type"),
         ("SELECT kurier.append_events('order-5', 0, ARRAY['A'], ARRAY['1']::jsonb[])",
          "KU409", "order-5 is at version 1, expected 0"),
     ] {
@@ -281,7 +297,8 @@ async fn a_retried_batch_stores_one_copy_and_a_refused_batch_stores_nothing() {
 
 /// `EventStore::read_all` runs `kurier.read_all`'s protocol from the client
 /// (so that pages stream); it returns exactly what the SQL function returns,
-/// page by page, with and without a category, and refuses what it refuses.
+/// page by page and at the head, with and without a category; a max_count
+/// below 1 gets the function's error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_library_reads_all_events_as_the_sql_function_does() {
     let db = fresh_db().await;

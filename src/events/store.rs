@@ -187,15 +187,20 @@ pub async fn read_all_streamed(
     let mut tx = pool
         .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
         .await?;
-    let bound: Option<i64> = sqlx::query_scalar(
-        &schema.sql("SELECT kurier.read_all_bound() FROM set_config('enable_sort', 'off', true)"),
-    )
+    // As the function: nothing drawn after `after` (a reader at the head)
+    // needs no pg_locks sample.
+    let bound: Option<i64> = sqlx::query_scalar(&schema.sql(
+        "SELECT CASE WHEN coalesce(pg_sequence_last_value('kurier.event_position'), 0) > $1 \
+                     THEN kurier.read_all_bound() END \
+         FROM set_config('enable_sort', 'off', true)",
+    ))
+    .bind(after)
     .fetch_one(&mut *tx)
     .await?;
-    // NULL: an appender is between drawing and advertising; nothing this
-    // time, as the function answers.
+    // NULL: at the head, or an appender is between drawing and advertising;
+    // nothing this time, as the function answers.
     let events = match bound {
-        Some(bound) if bound > after + 1 => {
+        Some(bound) if bound - 1 > after => {
             let page = if category.is_some() {
                 READ_CATEGORY_PAGE
             } else {

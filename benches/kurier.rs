@@ -646,37 +646,44 @@ async fn events(f: &mut Figures) {
 /// builds each page before sending it).
 async fn catch_up_round(pool: &PgPool, total: i64) -> Figures {
     let es = kurier::events::EventStore::new(pool.clone());
-    let t = Instant::now();
-    let (mut after, mut read) = (0i64, 0i64);
-    loop {
-        let page = es.read_all(after, 10_000, None).await.unwrap();
-        let Some(last) = page.last() else { break };
-        after = last.global_position;
-        read += page.len() as i64;
-    }
-    assert_eq!(read, total, "catch-up read every event");
-    let library = read as f64 / t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    let (mut after, mut read) = (0i64, 0i64);
-    loop {
-        let page: Vec<kurier::events::RecordedEvent> =
-            sqlx::query_as("SELECT * FROM kurier.read_all($1, 10000)")
-                .bind(after)
-                .fetch_all(pool)
-                .await
-                .unwrap();
-        let Some(last) = page.last() else { break };
-        after = last.global_position;
-        read += page.len() as i64;
-    }
-    assert_eq!(read, total, "catch-up read every event");
-    let sql = read as f64 / t.elapsed().as_secs_f64();
+    let library = catch_up(total, |after| {
+        let es = es.clone();
+        async move { es.read_all(after, 10_000, None).await.unwrap() }
+    })
+    .await;
+    let sql = catch_up(total, |after| async move {
+        sqlx::query_as("SELECT * FROM kurier.read_all($1, 10000)")
+            .bind(after)
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    })
+    .await;
     let mut f = Figures::new();
-    f.insert("read_all_catch_up_events", read as f64);
+    f.insert("read_all_catch_up_events", total as f64);
     f.insert("read_all_catch_up_events_per_s", library);
     f.insert("read_all_sql_function_catch_up_events_per_s", sql);
     f.insert("read_all_library_vs_sql_function", library / sql);
     f
+}
+
+/// Events per second of reading all `total` events page by page, each page
+/// after the last position of the one before.
+async fn catch_up<F, Fut>(total: i64, mut page_after: F) -> f64
+where
+    F: FnMut(i64) -> Fut,
+    Fut: std::future::Future<Output = Vec<kurier::events::RecordedEvent>>,
+{
+    let t = Instant::now();
+    let (mut after, mut read) = (0i64, 0i64);
+    loop {
+        let page = page_after(after).await;
+        let Some(last) = page.last() else { break };
+        after = last.global_position;
+        read += page.len() as i64;
+    }
+    assert_eq!(read, total, "catch-up read every event");
+    read as f64 / t.elapsed().as_secs_f64()
 }
 
 /// One round of [`events`]' appends: plain, plain with outbox rows, append,

@@ -78,31 +78,6 @@ BEGIN
 END;
 $fn$;
 
--- Why a batch of this stream stored fewer rows than it has events (called
--- after its insert skipped rows, before the append raises): an id twice in
--- the batch, or ids stored before (in another stream or in this one). Rows of
--- this call (versions above first_version - 1) do not count as stored before.
-CREATE FUNCTION kurier.event_batch_conflict(p_stream text, ids uuid[], first_version bigint)
-    RETURNS void LANGUAGE plpgsql AS $fn$
-DECLARE
-    other   text;
-    stored  int;
-BEGIN
-    PERFORM kurier.event_batch_duplicates(p_stream, ids);
-    SELECT count(*), min(e.stream) FILTER (WHERE e.stream <> p_stream)
-    INTO stored, other
-    FROM kurier.events e
-    WHERE e.event_id = ANY (ids) AND NOT (e.stream = p_stream AND e.version >= first_version);
-    IF other IS NOT NULL THEN
-        RAISE EXCEPTION 'kurier: a batch for stream % has event ids already stored in stream %', p_stream, other
-            USING ERRCODE = 'KU422', HINT = 'an event id identifies one event; use new ids';
-    END IF;
-    RAISE EXCEPTION 'kurier: a batch for stream % is partly stored already (% of % event ids)', p_stream, stored, cardinality(ids)
-        USING ERRCODE = 'KU422',
-              HINT = 'a retry must repeat the original batch exactly; a new batch needs new event ids';
-END;
-$fn$;
-
 -- The index (0-based, as the JSON form's events[i]) of the first NULL in a
 -- one-dimensional array, or NULL.
 CREATE FUNCTION kurier.first_null_index(a anyarray) RETURNS int
@@ -194,7 +169,7 @@ BEGIN
     -- a stored batch has its first event stored, so one probe tells.
     IF event_ids[array_lower(event_ids, 1)] IS NOT NULL
        AND EXISTS (SELECT FROM kurier.events e WHERE e.event_id = event_ids[array_lower(event_ids, 1)]) THEN
-        RETURN kurier.event_batch_retry(p_stream, event_ids, v_last, n);
+        RETURN kurier.event_batch_stored_ids(p_stream, event_ids, v_last, n);
     END IF;
 
     IF p_expected IS NOT NULL AND p_expected <> v_last - n THEN
@@ -202,7 +177,7 @@ BEGIN
         -- ids stored before (KU422, from the retry path).
         PERFORM kurier.event_batch_duplicates(p_stream, event_ids);
         IF EXISTS (SELECT FROM kurier.events e WHERE e.event_id = ANY (event_ids)) THEN
-            RETURN kurier.event_batch_retry(p_stream, event_ids, v_last, n);
+            RETURN kurier.event_batch_stored_ids(p_stream, event_ids, v_last, n);
         END IF;
         RAISE EXCEPTION 'kurier: stream % is at version %, expected %', p_stream, v_last - n, p_expected
             USING ERRCODE = 'KU409', HINT = 'reload the stream and retry';
@@ -218,7 +193,9 @@ BEGIN
     ON CONFLICT ON CONSTRAINT events_event_id_key DO NOTHING;
     GET DIAGNOSTICS inserted = ROW_COUNT;
     IF inserted < n THEN
-        PERFORM kurier.event_batch_conflict(p_stream, ids, v_last - n + 1);
+        -- Ids stored before (by a transaction that committed while this
+        -- one waited on them), or one id twice: the same answer as above.
+        RETURN kurier.event_batch_stored_ids(p_stream, event_ids, v_last, n);
     END IF;
 
     SELECT st.topic_template, st.publish INTO tmpl, pub FROM kurier.event_store_settings st;
@@ -243,11 +220,15 @@ BEGIN
 END;
 $fn$;
 
--- The retry of a batch whose first event is stored: if every event has an id
--- and all are stored in this stream, gives back the versions this call
--- claimed and returns the stored version of the last event; otherwise KU422.
--- Called with the stream row locked (v_last = the version just claimed).
-CREATE FUNCTION kurier.event_batch_retry(p_stream text, event_ids uuid[], v_last bigint, n int)
+-- A batch of this stream with ids stored before, or one id twice: 22023 for
+-- an id twice; the retry of a stored batch if every event has an id and all
+-- are stored in this stream (gives back the versions this call claimed and
+-- returns the stored version of the last event); otherwise KU422. Called
+-- with the stream row locked (v_last = the version just claimed) before the
+-- batch's insert (its first id is stored, or a KU409 is next) or after an
+-- insert that skipped rows; rows of this call (versions above v_last - n)
+-- do not count as stored before.
+CREATE FUNCTION kurier.event_batch_stored_ids(p_stream text, event_ids uuid[], v_last bigint, n int)
     RETURNS bigint LANGUAGE plpgsql AS $fn$
 DECLARE
     stored      int;
@@ -261,7 +242,8 @@ BEGIN
            max(e.version) FILTER (WHERE e.event_id = last_id AND e.stream = p_stream),
            min(e.stream) FILTER (WHERE e.stream <> p_stream)
     INTO stored, stored_here, last_stored, other
-    FROM kurier.events e WHERE e.event_id = ANY (event_ids);
+    FROM kurier.events e
+    WHERE e.event_id = ANY (event_ids) AND NOT (e.stream = p_stream AND e.version > v_last - n);
     IF stored_here = n AND array_position(event_ids, NULL) IS NULL THEN
         UPDATE kurier.streams s SET version = v_last - n WHERE s.stream = p_stream;
         RETURN last_stored;

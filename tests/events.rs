@@ -163,6 +163,16 @@ async fn a_retried_batch_stores_one_copy_and_a_refused_batch_stores_nothing() {
             .unwrap_err();
         assert_eq!(err.sqlstate().as_deref(), Some("KU422"), "{err}");
         assert!(err.to_string().contains("partly stored already"), "{err}");
+        // Not first, stored in another stream (found by the insert).
+        let err = es
+            .append("order-3", expected, &stored_last)
+            .await
+            .unwrap_err();
+        assert_eq!(err.sqlstate().as_deref(), Some("KU422"), "{err}");
+        assert!(
+            err.to_string().contains("already stored in stream order-1"),
+            "{err}"
+        );
     }
     // One id twice: a new one, a stored one (first in the batch), and with a
     // wrong expected version: always the batch's fault, 22023.

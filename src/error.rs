@@ -49,13 +49,25 @@ impl Error {
     }
 
     /// A database error, turned into an instruction when it means that
-    /// Kurier's tables are missing or the role lacks rights.
+    /// Kurier's tables or functions are missing or the role lacks rights.
     pub fn explained(e: sqlx::Error) -> Error {
         if let sqlx::Error::Database(db) = &e {
             match db.code().as_deref() {
                 Some("42P01") | Some("3F000") => {
                     return Error::Setup {
                         problem: format!("Kurier's tables are missing ({})", db.message()),
+                        fix: "run `kurier migrate` against this database".into(),
+                    }
+                }
+                // A function of a later migration (0008's array form of
+                // kurier.append_events, say) on a database an older Kurier
+                // migrated.
+                Some("42883") => {
+                    return Error::Setup {
+                        problem: format!(
+                            "a Kurier function is missing ({}); the database was migrated by an older Kurier",
+                            db.message()
+                        ),
                         fix: "run `kurier migrate` against this database".into(),
                     }
                 }

@@ -305,6 +305,47 @@ async fn a_retried_batch_stores_one_copy_and_a_refused_batch_stores_nothing() {
     }
 }
 
+/// A database an older Kurier migrated (before 0008, the array form of
+/// `kurier.append_events` the library binds): a batch append is refused
+/// with the instruction to migrate, not with PostgreSQL's bare "function
+/// does not exist", and stores nothing; single events (0005) still append.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_append_before_migration_0008_says_to_migrate() {
+    let db = fresh_db().await;
+    let es = store(&db.pool);
+    sqlx::query(
+        "DROP FUNCTION kurier.append_events(text, bigint, text[], jsonb[], jsonb[], uuid[])",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    match es.append("order-1", Expected::Any, &[ev(0), ev(1)]).await {
+        Err(e @ Error::Setup { .. }) => {
+            let Error::Setup { problem, fix } = &e else {
+                unreachable!()
+            };
+            assert!(problem.contains("kurier.append_events"), "{problem}");
+            assert!(fix.contains("kurier migrate"), "{fix}");
+            assert!(
+                !e.is_retryable(),
+                "a missing migration does not heal by waiting"
+            );
+        }
+        other => panic!("expected the instruction to migrate, got {other:?}"),
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM kurier.events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0, "the refused batch stored nothing");
+    assert_eq!(
+        es.append("order-1", Expected::NoStream, &[ev(0)])
+            .await
+            .unwrap(),
+        0
+    );
+}
+
 /// `EventStore::read_all` runs `kurier.read_all`'s protocol from the client
 /// (so that pages stream); it returns exactly what the SQL function returns,
 /// page by page and at the head, with and without a category; a max_count

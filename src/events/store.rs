@@ -111,7 +111,9 @@ async fn append_batch(
 }
 
 /// KU409 as [`Error::VersionConflict`], read from the contract's message
-/// `kurier: stream S is at version V, expected E`.
+/// `kurier: stream S is at version V, expected E`; a missing table or
+/// function (a database an older Kurier migrated) as the instruction to
+/// migrate ([`Error::explained`]).
 fn conflict(e: sqlx::Error, stream: &str) -> Error {
     if let sqlx::Error::Database(db) = &e {
         if db.code().as_deref() == Some("KU409") {
@@ -129,7 +131,7 @@ fn conflict(e: sqlx::Error, stream: &str) -> Error {
             }
         }
     }
-    Error::Database(e)
+    Error::explained(e)
 }
 
 pub async fn read_stream<'e, E: PgExecutor<'e>>(

@@ -1,6 +1,7 @@
 //! Event sourcing with Kurier, end to end, on PostgreSQL alone:
 //! an `Account` aggregate (typed events, one upcaster), commands executed
-//! with optimistic concurrency, a snapshot, a temporal load, a read model
+//! with optimistic concurrency, a snapshot, a temporal load, an old-shape
+//! event appended in SQL (as another language would) and upcast on read, a read model
 //! built by a Rust projection, a field crypto-shredded and then forgotten,
 //! and a stream erased. Every append also lands in `kurier.outbox`, so a
 //! running `kurier run` publishes it to Kafka (topic `account`).
@@ -219,7 +220,20 @@ async fn main() -> anyhow::Result<()> {
         async move { runner.run(&cancel).await }
     });
     let stream = stream_of::<Account>(&id);
-    let balance = wait_for_balance(&pool, &stream).await?;
+    // An older service, in any language, appends through SQL: a Deposited of
+    // schema version 1 (whole euros as `amount`), read back upcast to cents.
+    sqlx::query(
+        "SELECT kurier.append_event($1, 'Deposited', '{\"amount\": 5}', '{\"schema_version\": 1}')",
+    )
+    .bind(&stream)
+    .execute(&pool)
+    .await?;
+    let now = es.load::<Account>(&id).await?;
+    println!(
+        "after a version-1 Deposited of 5 euros appended in SQL: {} cents (version {:?})",
+        now.state.balance, now.version
+    );
+    let balance = wait_for_balance(&pool, &stream, now.state.balance).await?;
     println!("read model: {stream} holds {balance} cents");
 
     let opened = es.read_stream(&stream, 0, 1).await?.remove(0);
@@ -251,15 +265,15 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_balance(pool: &PgPool, stream: &str) -> anyhow::Result<i64> {
+async fn wait_for_balance(pool: &PgPool, stream: &str, want: i64) -> anyhow::Result<i64> {
     for _ in 0..200 {
         let cents: Option<i64> =
             sqlx::query_scalar("SELECT cents FROM example_balances WHERE stream = $1")
                 .bind(stream)
                 .fetch_optional(pool)
                 .await?;
-        if cents == Some(3000) {
-            return Ok(3000);
+        if cents == Some(want) {
+            return Ok(want);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

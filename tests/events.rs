@@ -395,21 +395,29 @@ async fn the_library_reads_all_events_as_the_sql_function_does() {
 }
 
 /// Writers that hold their transactions open for a while (some roll back)
-/// while a reader keeps only its last position: it sees every committed
-/// event once, in ascending order, none of the rolled-back ones.
+/// while readers keep only their last position — one through
+/// `EventStore::read_all`, one through the SQL function `kurier.read_all`
+/// (what other languages call): each sees every committed event once, in
+/// ascending order, none of the rolled-back ones; and some transactions did
+/// commit after others with higher positions (the case gap safety is for).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_keeping_its_last_position_never_misses_a_late_commit() {
     use rand::{Rng, SeedableRng};
     let db = fresh_db().await;
     let done = tokio_util::sync::CancellationToken::new();
-    let reader = {
+    let reader = |through_sql: bool| {
         let (pool, done) = (db.pool.clone(), done.clone());
         tokio::spawn(async move {
             let es = store(&pool);
             let (mut last, mut seen) = (0i64, Vec::new());
             loop {
                 let finished = done.is_cancelled();
-                let page = es.read_all(last, 100, None).await.unwrap();
+                let page = if through_sql {
+                    kurier::events::store::read_all(&pool, es.schema(), last, 100, None).await
+                } else {
+                    es.read_all(last, 100, None).await
+                }
+                .unwrap();
                 if let Some(e) = page.last() {
                     last = e.global_position;
                 }
@@ -421,6 +429,7 @@ async fn a_reader_keeping_its_last_position_never_misses_a_late_commit() {
             }
         })
     };
+    let readers = [("library", reader(false)), ("SQL function", reader(true))];
     let mut writers = Vec::new();
     for w in 0..6 {
         let pool = db.pool.clone();
@@ -437,40 +446,72 @@ async fn a_reader_keeping_its_last_position_never_misses_a_late_commit() {
                     .await
                     .unwrap();
                 tokio::time::sleep(Duration::from_millis(rng.random_range(0..60))).await;
-                let ids = events.iter().map(|e| e.event_id);
+                let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
                 if rng.random_bool(0.2) {
                     tx.rollback().await.unwrap();
                     rolled_back.extend(ids);
                 } else {
                     tx.commit().await.unwrap();
-                    committed.extend(ids);
+                    committed.push((std::time::Instant::now(), ids));
                 }
             }
             (committed, rolled_back)
         }));
     }
-    let (mut committed, mut rolled_back) = (HashSet::new(), HashSet::new());
+    let (mut commits, mut rolled_back) = (Vec::new(), HashSet::new());
     for w in writers {
         let (c, r) = w.await.unwrap();
-        committed.extend(c);
+        commits.extend(c);
         rolled_back.extend(r);
     }
     done.cancel();
-    let seen = reader.await.unwrap();
-    let positions: Vec<i64> = seen.iter().map(|s| s.0).collect();
-    assert!(
-        positions.windows(2).all(|w| w[0] < w[1]),
-        "positions not strictly ascending"
-    );
-    let ids: HashSet<Uuid> = seen.iter().map(|s| s.1).collect();
-    assert_eq!(ids.len(), seen.len(), "an event was read twice");
-    assert!(
-        ids.is_disjoint(&rolled_back),
-        "a rolled-back event was read"
-    );
-    let missed = committed.difference(&ids).count();
-    assert_eq!(missed, 0, "the reader missed {missed} committed events");
+    let committed: HashSet<Uuid> = commits.iter().flat_map(|c| c.1.clone()).collect();
     assert!(committed.len() > 100 && !rolled_back.is_empty());
+    assert!(
+        late_commits(&db.pool, &mut commits).await > 0,
+        "no transaction committed after one with higher positions: the test proved nothing"
+    );
+    for (path, reader) in readers {
+        let seen = reader.await.unwrap();
+        let positions: Vec<i64> = seen.iter().map(|s| s.0).collect();
+        assert!(
+            positions.windows(2).all(|w| w[0] < w[1]),
+            "{path}: positions not strictly ascending"
+        );
+        let ids: HashSet<Uuid> = seen.iter().map(|s| s.1).collect();
+        assert_eq!(ids.len(), seen.len(), "{path}: an event was read twice");
+        assert!(
+            ids.is_disjoint(&rolled_back),
+            "{path}: a rolled-back event was read"
+        );
+        let missed = committed.difference(&ids).count();
+        assert_eq!(
+            missed, 0,
+            "{path}: the reader missed {missed} committed events"
+        );
+    }
+}
+
+/// How many of the committed transactions (commit time, event ids)
+/// committed after another one whose events have higher positions.
+async fn late_commits(pool: &PgPool, commits: &mut [(std::time::Instant, Vec<Uuid>)]) -> usize {
+    let positions: std::collections::HashMap<Uuid, i64> =
+        sqlx::query_as::<_, (Uuid, i64)>("SELECT event_id, global_position FROM kurier.events")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    commits.sort_by_key(|c| c.0);
+    let (mut highest, mut late) = (0i64, 0);
+    for (_, ids) in commits.iter() {
+        let drawn: Vec<i64> = ids.iter().map(|id| positions[id]).collect();
+        if drawn.iter().min().is_some_and(|first| *first < highest) {
+            late += 1;
+        }
+        highest = highest.max(*drawn.iter().max().unwrap());
+    }
+    late
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -537,6 +578,21 @@ async fn a_rolled_back_append_stores_and_publishes_nothing() {
     es.append_on(&mut tx, "cart-1", Expected::NoStream, &[ev(0)])
         .await
         .unwrap();
+    // The transaction reads its own append; the others do not see it.
+    assert_eq!(
+        es.stream_version_on(&mut tx, "cart-1").await.unwrap(),
+        Some(0)
+    );
+    assert_eq!(
+        es.read_stream_on(&mut tx, "cart-1", 0, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(es.stream_version("cart-1").await.unwrap(), None);
+    // kurier.read_all leaves the reader's own appends out of the horizon.
+    assert_eq!(es.read_all_on(&mut tx, 0, 10, None).await.unwrap().len(), 1);
     tx.rollback().await.unwrap();
     assert_eq!(es.stream_version("cart-1").await.unwrap(), None);
     assert!(es.read_all(0, 10, None).await.unwrap().is_empty());
@@ -561,12 +617,26 @@ async fn appended_events_are_published_in_version_order_with_their_headers() {
     es.append(&stream, Expected::NoStream, &events)
         .await
         .unwrap();
+    // Later transactions on the stream follow in version order.
+    let mut events = events;
+    for n in 5..8 {
+        let e = ev(n).metadata(json!({"traceparent": traceparent}));
+        es.append(
+            &stream,
+            Expected::Exact(n as u64 - 1),
+            std::slice::from_ref(&e),
+        )
+        .await
+        .unwrap();
+        events.push(e);
+    }
     let recs = read_until(&brokers, &category, Duration::from_secs(30), |r| {
-        r.len() >= 5
+        r.len() >= 8
     });
     relay.stop().await;
     let mut recs: Vec<&Rec> = recs.iter().collect();
     recs.sort_by_key(|r| (r.partition, r.offset));
+    assert_eq!(recs.len(), 8);
     for (n, r) in recs.iter().enumerate() {
         assert_eq!(r.key.as_deref(), Some(stream.as_str()));
         assert_eq!(r.message_id(), events[n].event_id.to_string());
@@ -786,6 +856,51 @@ async fn snapshot_plus_replay_equals_full_replay_and_conflicts_are_retried() {
     }
     assert_eq!(es.replay::<Account>("7").await.unwrap().state.deposits, 36);
     eprintln!("6 concurrent executes met {conflicts} conflicts");
+    // A conflict for certain: an open append holds the stream while execute
+    // loads (version 36), decides and appends expecting 36; it waits on the
+    // stream, meets version 37 after the commit, reloads and lands at 38.
+    let mut tx = db.pool.begin().await.unwrap();
+    let deposit = kurier::events::codec::encode(&AccountEvent::Deposited { cents: 100 }).unwrap();
+    es.append_on(&mut tx, "account-7", Expected::Exact(36), &[deposit])
+        .await
+        .unwrap();
+    let racing = {
+        let es = es.clone();
+        tokio::spawn(async move {
+            es.execute::<Account>("7", &AccountCommand::Deposit(1), 5)
+                .await
+                .unwrap()
+        })
+    };
+    wait_for_lock_waiter(&db.pool).await;
+    tx.commit().await.unwrap();
+    let executed = racing.await.unwrap();
+    assert_eq!(
+        executed.conflicts, 1,
+        "execute met the open append's version"
+    );
+    assert_eq!(executed.version, Some(38));
+    let full = es.replay::<Account>("7").await.unwrap();
+    assert_eq!((full.state.deposits, full.version), (38, Some(38)));
+}
+
+/// Until a session of this database waits on a lock (an append queued
+/// behind another on its stream row).
+async fn wait_for_lock_waiter(pool: &PgPool) {
+    for _ in 0..500 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no append started waiting on the stream within 5 s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -829,6 +944,209 @@ async fn old_events_are_upcast_on_read_and_temporal_loads_see_the_past() {
         .await
         .unwrap();
     assert_eq!((then.state.balance, then.version), (300, Some(1)));
+    // recorded_at is the appending transaction's start: one that began
+    // before `t` but appended after an event recorded later gets the later
+    // version with the earlier time. As of `t`, neither is included.
+    let stream = stream_of::<Account>("10");
+    es.execute::<Account>("10", &AccountCommand::Open("cy".into()), 3)
+        .await
+        .unwrap();
+    let mut early = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT now()")
+        .execute(&mut *early)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let t: time::OffsetDateTime = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let late = kurier::events::codec::encode(&AccountEvent::Deposited { cents: 7 }).unwrap();
+    es.append(&stream, Expected::Exact(0), &[late])
+        .await
+        .unwrap();
+    let early_one = kurier::events::codec::encode(&AccountEvent::Deposited { cents: 5 }).unwrap();
+    assert_eq!(
+        es.append_on(&mut early, &stream, Expected::Any, &[early_one])
+            .await
+            .unwrap(),
+        2
+    );
+    early.commit().await.unwrap();
+    let times: Vec<bool> = sqlx::query_scalar(
+        "SELECT recorded_at <= $2 FROM kurier.events WHERE stream = $1 ORDER BY version",
+    )
+    .bind(&stream)
+    .bind(t)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        times,
+        [true, false, true],
+        "version 2 carries the earliest time"
+    );
+    let at_t = es.load_as_of::<Account>("10", AsOf::Time(t)).await.unwrap();
+    assert_eq!((at_t.state.balance, at_t.version), (0, Some(0)));
+}
+
+/// The outbox rows appends write follow the topic template (`${category}`,
+/// `${stream}`) and stop while publishing is off; a stream the template
+/// cannot turn into a legal Kafka topic is refused with nothing stored, in
+/// the single and the batch form; a template with an unknown placeholder is
+/// refused at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_topic_template_and_the_publishing_switch_shape_the_outbox_rows() {
+    let db = fresh_db().await;
+    let es = store(&db.pool);
+    sqlx::query("SELECT kurier.set_event_topic_template('events.${category}.${stream}')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    es.append("order-1", Expected::NoStream, &[ev(0)])
+        .await
+        .unwrap();
+    let topics: Vec<String> = sqlx::query_scalar("SELECT topic FROM kurier.outbox ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(topics, ["events.order.order-1"]);
+    for events in [vec![ev(1)], vec![ev(1), ev(2)]] {
+        let refused = es
+            .append("order 2", Expected::Any, &events)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.sqlstate().as_deref(), Some("22023"), "{refused:?}");
+        assert!(
+            format!("{refused:?}").contains("is not a legal Kafka topic"),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(es.stream_version("order 2").await.unwrap(), None);
+    let typo = sqlx::query("SELECT kurier.set_event_topic_template('${categroy}')")
+        .execute(&db.pool)
+        .await
+        .unwrap_err();
+    assert!(typo.to_string().contains("unknown placeholder"), "{typo}");
+    sqlx::query("SELECT kurier.set_event_publishing(false)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    es.append("order-1", Expected::Exact(0), &[ev(2), ev(3)])
+        .await
+        .unwrap();
+    es.append("order-1", Expected::Exact(2), &[ev(4)])
+        .await
+        .unwrap();
+    assert_eq!(es.stream_version("order-1").await.unwrap(), Some(3));
+    assert_eq!(
+        outbox_count(&db.pool).await,
+        1,
+        "nothing published while off"
+    );
+    sqlx::query("SELECT kurier.set_event_publishing(true)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    es.append("order-1", Expected::Exact(3), &[ev(5)])
+        .await
+        .unwrap();
+    assert_eq!(outbox_count(&db.pool).await, 2);
+}
+
+/// After an erasure only the data-free marker is left of the stream (no
+/// events, no snapshot); the aggregate loads as a new one (its state starts
+/// anew at the marker) and takes commands again; the erased state cannot be
+/// stored back as a snapshot (KU410), and erasing an unknown stream is KU404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erased_aggregate_loads_as_new_and_its_old_state_cannot_come_back() {
+    let db = fresh_db().await;
+    let es = store(&db.pool);
+    es.execute::<Account>("8", &AccountCommand::Open("eve".into()), 3)
+        .await
+        .unwrap();
+    es.execute::<Account>("8", &AccountCommand::Deposit(40), 3)
+        .await
+        .unwrap();
+    let before = es.load::<Account>("8").await.unwrap();
+    assert!(es.save_snapshot("8", &before).await.unwrap());
+    assert_eq!(
+        es.erase_stream("account-8", "GDPR request 18")
+            .await
+            .unwrap(),
+        2
+    );
+    let left: Vec<(i64, String)> =
+        sqlx::query_as("SELECT version, type FROM kurier.events WHERE stream = 'account-8'")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, [(2, "StreamErased".to_string())]);
+    let snapshots: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM kurier.snapshots WHERE stream = 'account-8'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(snapshots, 0);
+    let loaded = es.load::<Account>("8").await.unwrap();
+    assert_eq!(
+        (loaded.state, loaded.version),
+        (Account::default(), Some(2))
+    );
+    let refused = es.save_snapshot("8", &before).await.unwrap_err();
+    assert_eq!(refused.sqlstate().as_deref(), Some("KU410"), "{refused:?}");
+    let not_open = es
+        .execute::<Account>("8", &AccountCommand::Deposit(1), 3)
+        .await
+        .unwrap_err();
+    assert!(
+        not_open.to_string().contains("no such account"),
+        "{not_open}"
+    );
+    es.execute::<Account>("8", &AccountCommand::Open("eve".into()), 3)
+        .await
+        .unwrap();
+    let reopened = es.load::<Account>("8").await.unwrap();
+    assert_eq!(
+        (
+            reopened.state.owner.as_deref(),
+            reopened.state.balance,
+            reopened.version
+        ),
+        (Some("eve"), 0, Some(3))
+    );
+    let unknown = es.erase_stream("account-nobody", "x").await.unwrap_err();
+    assert_eq!(unknown.sqlstate().as_deref(), Some("KU404"), "{unknown:?}");
+}
+
+/// `examples/bank-account.rs`, the README's event-sourcing walk-through,
+/// runs against a fresh database and prints what the README shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bank_account_example_runs_as_the_readme_shows() {
+    let db = fresh_db().await;
+    let out = std::process::Command::new(example_bin("bank-account"))
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bank-account failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "withdraw 10,000.00 refused: command refused: insufficient funds: 3900 cents available",
+        "cents at version 2, 3000 now (version Some(4))",
+        "after a version-1 Deposited of 5 euros appended in SQL: 3500 cents (version Some(5))",
+        "holds 3500 cents",
+        "email as stored: Value(String(\"ada@example.com\"))",
+        "the email is gone from every copy",
+        "erased 6 events; read model row after the StreamErased marker: None",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
 }
 
 /// Erasure removes the stream for good, tells read models (a StreamErased

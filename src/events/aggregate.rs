@@ -63,7 +63,10 @@ impl<A> Loaded<A> {
 pub enum AsOf {
     /// After the event with this version.
     Version(i64),
-    /// After the last event recorded at or before this time.
+    /// After the events recorded at or before this time: up to the stream's
+    /// first event recorded later (`recorded_at` is its transaction's start,
+    /// so a later version can carry an earlier time; it is not included
+    /// before the events ahead of it).
     Time(OffsetDateTime),
 }
 
@@ -158,7 +161,13 @@ impl EventStore {
             let page = self.read_stream(stream, from, PAGE).await?;
             let full = page.len() == PAGE as usize;
             for recorded in page.iter().take_while(|e| e.version <= until) {
-                loaded.state.apply(&decode::<A::Event>(recorded)?);
+                // kurier.erase_stream's marker: what came before is gone, so
+                // the state starts anew (it is not an event of `A`).
+                if recorded.event_type == super::ERASED_MARKER {
+                    loaded.state = A::default();
+                } else {
+                    loaded.state.apply(&decode::<A::Event>(recorded)?);
+                }
                 loaded.version = Some(recorded.version);
             }
             let reached_until = loaded.version.is_some_and(|v| v >= until);

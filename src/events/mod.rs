@@ -47,10 +47,14 @@ impl Expected {
         match self {
             Expected::Any => None,
             Expected::NoStream => Some(-1),
-            Expected::Exact(n) => Some(n as i64),
+            // Beyond i64::MAX no stream can be at it: a conflict, not -1.
+            Expected::Exact(n) => Some(i64::try_from(n).unwrap_or(i64::MAX)),
         }
     }
 }
+
+/// The type of the data-free event `kurier.erase_stream` appends.
+pub const ERASED_MARKER: &str = "StreamErased";
 
 /// An event's body: JSON, or bytes (Avro, Protobuf, ...).
 #[derive(Debug, Clone, PartialEq)]
@@ -120,9 +124,10 @@ pub struct RecordedEvent {
     pub category: String,
 }
 
-/// The event store of one Kurier schema, over a pool. Every method has a
-/// `_on` twin taking an open transaction (or connection) instead, so that
-/// an append commits with the caller's other writes.
+/// The event store of one Kurier schema, over a pool. Appends and reads
+/// have `_on` twins taking an open transaction (or connection) instead, so
+/// that an append commits with the caller's other writes and a read sees
+/// them.
 #[derive(Debug, Clone)]
 pub struct EventStore {
     pool: PgPool,
@@ -201,6 +206,41 @@ impl EventStore {
         max: i32,
     ) -> Result<Vec<RecordedEvent>, Error> {
         store::read_stream(&self.pool, &self.schema, stream, from, max).await
+    }
+
+    /// [`EventStore::read_stream`] on the caller's transaction (its own
+    /// appends included).
+    pub async fn read_stream_on(
+        &self,
+        conn: &mut PgConnection,
+        stream: &str,
+        from: i64,
+        max: i32,
+    ) -> Result<Vec<RecordedEvent>, Error> {
+        store::read_stream(conn, &self.schema, stream, from, max).await
+    }
+
+    /// [`EventStore::stream_version`] on the caller's transaction.
+    pub async fn stream_version_on(
+        &self,
+        conn: &mut PgConnection,
+        stream: &str,
+    ) -> Result<Option<i64>, Error> {
+        store::stream_version(conn, &self.schema, stream).await
+    }
+
+    /// `kurier.read_all` on the caller's transaction, which must be READ
+    /// COMMITTED (the function refuses others: it needs a new snapshot after
+    /// sampling the appenders). [`EventStore::read_all`] streams its pages
+    /// and is faster.
+    pub async fn read_all_on(
+        &self,
+        conn: &mut PgConnection,
+        after: i64,
+        max: i32,
+        category: Option<&str>,
+    ) -> Result<Vec<RecordedEvent>, Error> {
+        store::read_all(conn, &self.schema, after, max, category).await
     }
 
     /// Events after global position `after`, at most `max`, in position

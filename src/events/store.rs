@@ -307,23 +307,28 @@ pub async fn load_snapshot<'e, E: PgExecutor<'e>>(
     Ok(snapshot)
 }
 
-/// The version of `stream` at time `at` (the last event recorded at or
-/// before it); `None` when the stream had no event yet.
+/// The version of `stream` at time `at`: the events recorded at or before
+/// it up to the first one recorded later; `None` when there is none.
 pub async fn version_at<'e, E: PgExecutor<'e>>(
     executor: E,
     schema: &SchemaName,
     stream: &str,
     at: time::OffsetDateTime,
 ) -> Result<Option<i64>, Error> {
-    let v = sqlx::query_scalar(
-        &schema
-            .sql("SELECT max(version) FROM kurier.events WHERE stream = $1 AND recorded_at <= $2"),
-    )
+    // The version before the first event recorded after `at`, or the last
+    // one: not max(version) of those recorded by then, because recorded_at
+    // is the appending transaction's start and a transaction that waited on
+    // the stream lock gets the later version with the earlier time.
+    let v: Option<i64> = sqlx::query_scalar(&schema.sql(
+        "SELECT coalesce( \
+             (SELECT min(version) - 1 FROM kurier.events WHERE stream = $1 AND recorded_at > $2), \
+             (SELECT max(version) FROM kurier.events WHERE stream = $1))",
+    ))
     .bind(stream)
     .bind(at)
     .fetch_one(executor)
     .await?;
-    Ok(v)
+    Ok(v.filter(|v| *v >= 0))
 }
 
 /// A transaction holding `read_all` back (it appended events and has not

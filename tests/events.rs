@@ -1149,6 +1149,185 @@ async fn the_bank_account_example_runs_as_the_readme_shows() {
     }
 }
 
+/// `kurier events …` against a database: show a stream, tail a category
+/// (held back by an open append, carrying on after its commit), stats with
+/// the holder's pid, erase; an unknown stream is an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_cli_shows_tails_erases_and_names_the_horizon_holder() {
+    use std::io::BufRead;
+    let db = fresh_db().await;
+    let es = store(&db.pool);
+    es.append("order-1", Expected::NoStream, &[ev(0), ev(1)])
+        .await
+        .unwrap();
+    es.append("user-1", Expected::Any, &[ev(2)]).await.unwrap();
+    let mut held = db.pool.begin().await.unwrap();
+    es.append_on(&mut held, "order-2", Expected::Any, &[ev(3)])
+        .await
+        .unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *held)
+        .await
+        .unwrap();
+    let cli = |args: &[&str]| {
+        std::process::Command::new(kurier_bin!())
+            .args(["events"].iter().chain(args))
+            .env_remove("KURIER_CONFIG")
+            .env("DATABASE_URL", &db.url)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let json_lines = |out: &std::process::Output| -> Vec<serde_json::Value> {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let shown = json_lines(&cli(&["show", "order-1", "--json"]));
+    let versions: Vec<i64> = shown
+        .iter()
+        .map(|e| e["version"].as_i64().unwrap())
+        .collect();
+    assert_eq!(versions, [0, 1]);
+    assert_eq!(shown[1]["data"], json!({"n": 1}));
+
+    let stats = cli(&["stats", "--json"]);
+    assert!(stats.status.success());
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(
+        (
+            stats["stats"]["streams"].as_i64(),
+            stats["stats"]["events"].as_i64()
+        ),
+        (Some(2), Some(3))
+    );
+    assert_eq!(
+        stats["horizon"][0]["pid"].as_i64(),
+        Some(i64::from(pid)),
+        "{stats}"
+    );
+
+    let mut tail = std::process::Command::new(kurier_bin!())
+        .args(["events", "tail", "--category", "order", "--json"])
+        .env_remove("KURIER_CONFIG")
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufReader::new(tail.stdout.take().unwrap()).lines();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in lines {
+            let e: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+            let _ = tx.send((
+                e["stream"].as_str().unwrap().to_owned(),
+                e["version"].as_i64().unwrap(),
+            ));
+        }
+    });
+    let ten_s = Duration::from_secs(10);
+    let first = tokio::time::timeout(ten_s, rx.recv()).await.unwrap();
+    assert_eq!(first, Some(("order-1".into(), 0)));
+    let second = tokio::time::timeout(ten_s, rx.recv()).await.unwrap();
+    assert_eq!(second, Some(("order-1".into(), 1)));
+    // The open append holds the tail back; its commit lets it through.
+    assert!(tokio::time::timeout(Duration::from_millis(500), rx.recv())
+        .await
+        .is_err());
+    held.commit().await.unwrap();
+    let late = tokio::time::timeout(ten_s, rx.recv()).await.unwrap();
+    assert_eq!(late, Some(("order-2".into(), 0)));
+    tail.kill().unwrap();
+    tail.wait().unwrap();
+
+    let erased = cli(&["erase", "order-1", "--reason", "GDPR request 19"]);
+    assert!(
+        erased.status.success(),
+        "{}",
+        String::from_utf8_lossy(&erased.stderr)
+    );
+    assert!(String::from_utf8_lossy(&erased.stdout).contains("erased 2 event(s) of order-1"));
+    let types: Vec<String> = json_lines(&cli(&["show", "order-1", "--json"]))
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(types, ["StreamErased"]);
+    let unknown = cli(&["show", "nobody-1"]);
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("stream nobody-1 has no events"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+}
+
+/// The daemon's `/metrics` names the transaction at the horizon (pid, age,
+/// events it holds back), and the library's append and conflict counters
+/// reach the process's recorder (here the in-process daemon's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_horizon_holder_appends_and_conflicts_are_in_metrics() {
+    let (db, brokers) = (fresh_db().await, brokers());
+    let mut cfg = config(&db.url, &brokers, "");
+    cfg.http_addr = Some("127.0.0.1:0".parse().unwrap());
+    let daemon = kurier_daemon::Daemon::bind(cfg).await.unwrap();
+    let addr = daemon.http_addr().unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(daemon.run(cancel.clone()));
+    let es = store(&db.pool);
+    es.append("order-1", Expected::NoStream, &[ev(0)])
+        .await
+        .unwrap();
+    let conflict = es.append("order-1", Expected::NoStream, &[ev(1)]).await;
+    assert!(
+        matches!(conflict, Err(Error::VersionConflict { .. })),
+        "{conflict:?}"
+    );
+    let mut held = db.pool.begin().await.unwrap();
+    es.append_on(&mut held, "order-2", Expected::Any, &[ev(2)])
+        .await
+        .unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *held)
+        .await
+        .unwrap();
+    es.append("order-3", Expected::Any, &[ev(3), ev(4)])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (code, body) = http_get(addr, "/metrics").await;
+    held.commit().await.unwrap();
+    cancel.cancel();
+    handle.await.unwrap().unwrap();
+    assert_eq!(code, 200);
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{body}"))
+    };
+    assert_eq!(value("kurier_events_horizon_holders"), 1.0);
+    assert_eq!(value("kurier_events_horizon_holder_pid"), f64::from(pid));
+    assert_eq!(
+        value("kurier_events_horizon_lag_events"),
+        2.0,
+        "order-3's events"
+    );
+    assert!(value("kurier_events_horizon_age_seconds") > 0.0);
+    assert_eq!(value("kurier_events_last_position"), 4.0);
+    // Other tests of this binary append in the same process: at least ours.
+    assert!(value("kurier_events_appends_total{outcome=\"appended\"}") >= 3.0);
+    assert!(value("kurier_events_appends_total{outcome=\"refused\"}") >= 1.0);
+    assert!(value("kurier_events_conflicts_total") >= 1.0);
+}
+
 /// Erasure removes the stream for good, tells read models (a StreamErased
 /// marker) and Kafka (a tombstone for the key), and readers carry on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -125,11 +125,14 @@ async fn refresh_backlog(b: &Backlog) -> Result<(), kurier::Error> {
         }
     }
     if let Some(schema) = &b.events {
-        let (last, lag, holders, age) = kurier::events::store::horizon_lag(&b.pool, schema).await?;
-        metrics::gauge!("kurier_events_last_position").set(last as f64);
-        metrics::gauge!("kurier_events_horizon_lag_events").set(lag as f64);
-        metrics::gauge!("kurier_events_horizon_holders").set(holders as f64);
-        metrics::gauge!("kurier_events_horizon_age_seconds").set(age);
+        let lag = kurier::events::store::horizon_lag(&b.pool, schema).await?;
+        metrics::gauge!("kurier_events_last_position").set(lag.last_position as f64);
+        metrics::gauge!("kurier_events_horizon_lag_events").set(lag.unreadable_events as f64);
+        metrics::gauge!("kurier_events_horizon_holders").set(lag.holders as f64);
+        metrics::gauge!("kurier_events_horizon_age_seconds").set(lag.oldest_holder_age_secs);
+        // Who: a number, so no label per pid (series would pile up); 0 = nobody.
+        metrics::gauge!("kurier_events_horizon_holder_pid")
+            .set(f64::from(lag.holder_pid.unwrap_or(0)));
     }
     if let Some(schema) = &b.inbox {
         for c in kurier::inbox::store::status(&b.pool, schema).await? {

@@ -378,16 +378,31 @@ pub async fn stats(pool: &PgPool, schema: &SchemaName) -> Result<Stats, Error> {
     Ok(stats)
 }
 
-/// How far `read_all` is held back, cheaply (for `/metrics`): (last position
-/// drawn, committed events not readable yet (capped at 1M), holders, the
-/// oldest holder's transaction age in seconds).
-pub async fn horizon_lag(
-    pool: &PgPool,
-    schema: &SchemaName,
-) -> Result<(i64, i64, i64, f64), Error> {
+/// How far `read_all` is held back, cheaply (for `/metrics`).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct HorizonLag {
+    /// The last position drawn.
+    pub last_position: i64,
+    /// Committed events not readable yet (capped at 1M).
+    pub unreadable_events: i64,
+    /// Open appending transactions (other than the caller's).
+    pub holders: i64,
+    /// The oldest holder's transaction age in seconds (0 when none).
+    pub oldest_holder_age_secs: f64,
+    /// The pid of the transaction at the horizon (holding the lowest
+    /// position); `None` when nobody holds it or a prepared transaction does.
+    pub holder_pid: Option<i32>,
+}
+
+pub async fn horizon_lag(pool: &PgPool, schema: &SchemaName) -> Result<HorizonLag, Error> {
     let lag = sqlx::query_as(&schema.sql(
-        "SELECT coalesce(last_position, 0), coalesce(unreadable_events, 0), coalesce(holders, 0)::bigint, \
-                coalesce(oldest_holder_age_seconds, 0)::float8 FROM kurier.event_horizon_lag()",
+        "SELECT coalesce(l.last_position, 0) AS last_position, \
+                coalesce(l.unreadable_events, 0) AS unreadable_events, \
+                coalesce(l.holders, 0)::bigint AS holders, \
+                coalesce(l.oldest_holder_age_seconds, 0)::float8 AS oldest_holder_age_secs, \
+                (SELECT h.pid FROM kurier.event_horizon h WHERE h.pid IS DISTINCT FROM pg_backend_pid() \
+                 ORDER BY h.position LIMIT 1) AS holder_pid \
+         FROM kurier.event_horizon_lag() l",
     ))
     .fetch_one(pool)
     .await?;

@@ -1149,6 +1149,23 @@ async fn the_bank_account_example_runs_as_the_readme_shows() {
     }
 }
 
+/// An append to `stream` in a transaction left open, and its backend's pid.
+async fn open_append(
+    es: &EventStore,
+    stream: &str,
+    e: NewEvent,
+) -> (sqlx::Transaction<'static, sqlx::Postgres>, i32) {
+    let mut tx = es.pool().begin().await.unwrap();
+    es.append_on(&mut tx, stream, Expected::Any, &[e])
+        .await
+        .unwrap();
+    let pid = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    (tx, pid)
+}
+
 /// `kurier events …` against a database: show a stream, tail a category
 /// (held back by an open append, carrying on after its commit), stats with
 /// the holder's pid, erase; an unknown stream is an error.
@@ -1161,14 +1178,7 @@ async fn the_events_cli_shows_tails_erases_and_names_the_horizon_holder() {
         .await
         .unwrap();
     es.append("user-1", Expected::Any, &[ev(2)]).await.unwrap();
-    let mut held = db.pool.begin().await.unwrap();
-    es.append_on(&mut held, "order-2", Expected::Any, &[ev(3)])
-        .await
-        .unwrap();
-    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut *held)
-        .await
-        .unwrap();
+    let (held, pid) = open_append(&es, "order-2", ev(3)).await;
     let cli = |args: &[&str]| {
         std::process::Command::new(kurier_bin!())
             .args(["events"].iter().chain(args))
@@ -1274,12 +1284,7 @@ async fn the_events_cli_shows_tails_erases_and_names_the_horizon_holder() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_horizon_holder_appends_and_conflicts_are_in_metrics() {
     let (db, brokers) = (fresh_db().await, brokers());
-    let mut cfg = config(&db.url, &brokers, "");
-    cfg.http_addr = Some("127.0.0.1:0".parse().unwrap());
-    let daemon = kurier_daemon::Daemon::bind(cfg).await.unwrap();
-    let addr = daemon.http_addr().unwrap();
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let handle = tokio::spawn(daemon.run(cancel.clone()));
+    let (daemon, addr) = start_with_http(config(&db.url, &brokers, "")).await;
     let es = store(&db.pool);
     es.append("order-1", Expected::NoStream, &[ev(0)])
         .await
@@ -1289,22 +1294,14 @@ async fn the_horizon_holder_appends_and_conflicts_are_in_metrics() {
         matches!(conflict, Err(Error::VersionConflict { .. })),
         "{conflict:?}"
     );
-    let mut held = db.pool.begin().await.unwrap();
-    es.append_on(&mut held, "order-2", Expected::Any, &[ev(2)])
-        .await
-        .unwrap();
-    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-        .fetch_one(&mut *held)
-        .await
-        .unwrap();
+    let (held, pid) = open_append(&es, "order-2", ev(2)).await;
     es.append("order-3", Expected::Any, &[ev(3), ev(4)])
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let (code, body) = http_get(addr, "/metrics").await;
     held.commit().await.unwrap();
-    cancel.cancel();
-    handle.await.unwrap().unwrap();
+    daemon.stop().await;
     assert_eq!(code, 200);
     let value = |name: &str| -> f64 {
         body.lines()

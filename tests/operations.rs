@@ -373,12 +373,7 @@ async fn metrics_report_backlog_throughput_and_leases() {
         .await
         .unwrap();
     }
-    let mut cfg = config(&db.url, &brokers, "");
-    cfg.http_addr = Some("127.0.0.1:0".parse().unwrap());
-    let daemon = kurier_daemon::Daemon::bind(cfg).await.unwrap();
-    let addr = daemon.http_addr().unwrap();
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let handle = tokio::spawn(daemon.run(cancel.clone()));
+    let (daemon, addr) = start_with_http(config(&db.url, &brokers, "")).await;
     tokio::task::spawn_blocking({
         let (brokers, topic) = (brokers.clone(), topic.clone());
         move || read_until(&brokers, &topic, Duration::from_secs(30), |r| r.len() >= 5)
@@ -392,8 +387,7 @@ async fn metrics_report_backlog_throughput_and_leases() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (code, body) = http_get(addr, "/metrics").await;
-    cancel.cancel();
-    handle.await.unwrap().unwrap();
+    daemon.stop().await;
     assert_eq!(code, 200);
     let value = |name: &str| -> f64 {
         body.lines()

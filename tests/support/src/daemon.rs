@@ -29,6 +29,16 @@ pub async fn start_in_process(config: Config) -> InProcess {
     InProcess { cancel, handle }
 }
 
+/// The daemon in-process with its HTTP server on a free local port.
+pub async fn start_with_http(mut config: Config) -> (InProcess, std::net::SocketAddr) {
+    config.http_addr = Some("127.0.0.1:0".parse().unwrap());
+    let daemon = kurier_daemon::Daemon::bind(config).await.expect("bind");
+    let addr = daemon.http_addr().expect("an HTTP address was configured");
+    let cancel = CancellationToken::new();
+    let handle = tokio::spawn(daemon.run(cancel.clone()));
+    (InProcess { cancel, handle }, addr)
+}
+
 impl InProcess {
     pub async fn stop(self) {
         self.cancel.cancel();

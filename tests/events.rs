@@ -129,6 +129,48 @@ async fn a_retried_append_stores_one_copy_and_an_id_belongs_to_one_stream() {
     assert_eq!(es.stream_version("order-3").await.unwrap(), None);
 }
 
+/// A retry racing its original (the reply lost while the original had not
+/// committed yet): it waits on the stream, then finds its id stored and
+/// returns the original's version; one copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_racing_its_original_returns_the_same_version() {
+    let db = fresh_db().await;
+    let es = store(&db.pool);
+    let (first, second) = (ev(9), ev(10));
+    for (stream, expected, e) in [
+        ("order-1", Expected::NoStream, &first),
+        ("order-2", Expected::Any, &second),
+    ] {
+        let mut original = db.pool.begin().await.unwrap();
+        let v = es
+            .append_on(&mut original, stream, expected, std::slice::from_ref(e))
+            .await
+            .unwrap();
+        let retry = {
+            let (es, e) = (es.clone(), e.clone());
+            tokio::spawn(async move { es.append(stream, expected, &[e]).await })
+        };
+        wait_for_lock_waiter(&db.pool).await;
+        original.commit().await.unwrap();
+        assert_eq!(retry.await.unwrap().unwrap(), v, "{stream}");
+        assert_eq!(
+            es.stream_version(stream).await.unwrap(),
+            Some(v),
+            "{stream}"
+        );
+        let copies: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM kurier.events WHERE event_id = $1")
+                .bind(e.event_id)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(copies, 1, "{stream}");
+    }
+    // And a stored id in another stream is refused.
+    let other = es.append("order-2", Expected::Any, &[first]).await;
+    assert_eq!(other.unwrap_err().sqlstate().as_deref(), Some("KU422"));
+}
+
 /// The batch forms of `kurier.append_events`: a batch retried whole stores
 /// one copy (recognised before the version check), a batch that reuses
 /// stored ids anywhere in it or holds an id twice stores nothing, and bad
@@ -1412,7 +1454,27 @@ async fn after_forgetting_a_subject_its_data_cannot_be_decrypted_anywhere() {
         shredder.decrypt(&in_kafka).await.unwrap(),
         Revealed::Value(email.clone())
     );
+    // The envelope is real encryption: the key of record opens it, any
+    // other key does not (so once that key is gone, nothing does).
+    let key: Vec<u8> =
+        sqlx::query_scalar("SELECT key FROM kurier.subject_keys WHERE subject = 'customer-ada'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        kurier::events::shredding::open(&key, &in_kafka).unwrap(),
+        email
+    );
+    let mut other = key.clone();
+    other[0] ^= 1;
+    assert!(kurier::events::shredding::open(&other, &in_kafka).is_err());
     assert!(shredder.forget("customer-ada").await.unwrap());
+    let keys: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM kurier.subject_keys WHERE subject = 'customer-ada' AND key IS NOT NULL")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(keys, 0, "the key is gone from the table");
     let in_table = es.read_stream(&stream, 0, 1).await.unwrap()[0]
         .data
         .clone()

@@ -62,7 +62,7 @@ impl Error {
                 // A function of a later migration (0008's array form of
                 // kurier.append_events, say) on a database an older Kurier
                 // migrated.
-                Some("42883") => {
+                Some("42883") if db.message().starts_with("function ") => {
                     return Error::Setup {
                         problem: format!(
                             "a Kurier function is missing ({}); the database was migrated by an older Kurier",

@@ -21,6 +21,13 @@ pub async fn append(
                 "append to {stream}: no events given"
             )))
         }
+        _ if events.iter().any(|e| e.event_type == super::ERASED_MARKER) => {
+            return Err(Error::InvalidMessage(format!(
+                "append to {stream}: the event type {} is kurier.erase_stream's marker \
+                 (aggregates start anew at it); name the event otherwise",
+                super::ERASED_MARKER
+            )))
+        }
         [one] => append_one(&mut *conn, schema, stream, expected, one).await,
         many if is_one_statement(many) => {
             append_batch(&mut *conn, schema, stream, expected, many).await
@@ -129,9 +136,16 @@ fn conflict(e: sqlx::Error, stream: &str) -> Error {
                     actual,
                 };
             }
+            return Error::Database(e);
+        }
+        // A missing function, table or schema: a database an older Kurier
+        // migrated (other codes, 42501 among them, stay as they are: the
+        // appending role is the application's, not the relay's).
+        if matches!(db.code().as_deref(), Some("42883" | "42P01" | "3F000")) {
+            return Error::explained(e);
         }
     }
-    Error::explained(e)
+    Error::Database(e)
 }
 
 pub async fn read_stream<'e, E: PgExecutor<'e>>(
@@ -315,20 +329,24 @@ pub async fn version_at<'e, E: PgExecutor<'e>>(
     stream: &str,
     at: time::OffsetDateTime,
 ) -> Result<Option<i64>, Error> {
-    // The version before the first event recorded after `at`, or the last
-    // one: not max(version) of those recorded by then, because recorded_at
+    // The version before the first event recorded after `at` (none when
+    // that is the first stored, e.g. an erased stream's marker), or the
+    // last: not max(version) of those recorded by then, because recorded_at
     // is the appending transaction's start and a transaction that waited on
     // the stream lock gets the later version with the earlier time.
     let v: Option<i64> = sqlx::query_scalar(&schema.sql(
-        "SELECT coalesce( \
-             (SELECT min(version) - 1 FROM kurier.events WHERE stream = $1 AND recorded_at > $2), \
-             (SELECT max(version) FROM kurier.events WHERE stream = $1))",
+        "SELECT CASE WHEN a.first_after IS NULL THEN s.last \
+                     WHEN a.first_after > s.first THEN a.first_after - 1 END \
+         FROM (SELECT min(version) AS first, max(version) AS last \
+               FROM kurier.events WHERE stream = $1) s, \
+              (SELECT min(version) AS first_after \
+               FROM kurier.events WHERE stream = $1 AND recorded_at > $2) a",
     ))
     .bind(stream)
     .bind(at)
     .fetch_one(executor)
     .await?;
-    Ok(v.filter(|v| *v >= 0))
+    Ok(v)
 }
 
 /// A transaction holding `read_all` back (it appended events and has not

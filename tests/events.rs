@@ -1357,7 +1357,22 @@ async fn the_events_cli_shows_tails_erases_and_names_the_horizon_holder() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_horizon_holder_appends_and_conflicts_are_in_metrics() {
     let (db, brokers) = (fresh_db().await, brokers());
-    let (daemon, addr) = start_with_http(config(&db.url, &brokers, "")).await;
+    // A second schema relayed by the same daemon: its event store has its
+    // own gauges.
+    let cfg = config(
+        &db.url,
+        &brokers,
+        "[relay]\nschemas = [\"kurier\", \"tenant_a\"]\n",
+    );
+    kurier::schema::migrate(&db.pool, &cfg.relay.schemas)
+        .await
+        .unwrap();
+    let tenant = store(&db.pool).in_schema(SchemaName::new("tenant_a").unwrap());
+    tenant
+        .append("order-1", Expected::Any, &[ev(0), ev(1), ev(2)])
+        .await
+        .unwrap();
+    let (daemon, addr) = start_with_http(cfg).await;
     let es = store(&db.pool);
     es.append("order-1", Expected::NoStream, &[ev(0)])
         .await
@@ -1383,15 +1398,29 @@ async fn the_horizon_holder_appends_and_conflicts_are_in_metrics() {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{body}"))
     };
-    assert_eq!(value("kurier_events_horizon_holders"), 1.0);
-    assert_eq!(value("kurier_events_horizon_holder_pid"), f64::from(pid));
     assert_eq!(
-        value("kurier_events_horizon_lag_events"),
+        value("kurier_events_horizon_holders{schema=\"kurier\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("kurier_events_horizon_holder_pid{schema=\"kurier\"}"),
+        f64::from(pid)
+    );
+    assert_eq!(
+        value("kurier_events_horizon_lag_events{schema=\"kurier\"}"),
         2.0,
         "order-3's events"
     );
-    assert!(value("kurier_events_horizon_age_seconds") > 0.0);
-    assert_eq!(value("kurier_events_last_position"), 4.0);
+    assert!(value("kurier_events_horizon_age_seconds{schema=\"kurier\"}") > 0.0);
+    assert_eq!(value("kurier_events_last_position{schema=\"kurier\"}"), 4.0);
+    assert_eq!(
+        value("kurier_events_last_position{schema=\"tenant_a\"}"),
+        3.0
+    );
+    assert_eq!(
+        value("kurier_events_horizon_holders{schema=\"tenant_a\"}"),
+        0.0
+    );
     // Other tests of this binary append in the same process: at least ours.
     assert!(value("kurier_events_appends_total{outcome=\"appended\"}") >= 3.0);
     assert!(value("kurier_events_appends_total{outcome=\"refused\"}") >= 1.0);

@@ -108,7 +108,7 @@ impl Daemon {
                 .sagas
                 .enabled
                 .then(|| self.config.sagas.schema.clone()),
-            events: Some(kurier::SchemaName::kurier()),
+            events: self.config.schemas(),
             projections: self
                 .config
                 .projections

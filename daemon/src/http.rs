@@ -49,8 +49,8 @@ pub struct Backlog {
     pub inbox: Option<SchemaName>,
     /// The sagas' schema, when the orchestrator runs.
     pub sagas: Option<SchemaName>,
-    /// The event store's schema (its horizon gauges).
-    pub events: Option<SchemaName>,
+    /// The schemas whose event stores get horizon gauges (every migrated one).
+    pub events: Vec<SchemaName>,
     /// The projections' schema, when the daemon runs them (lag gauges).
     pub projections: Option<SchemaName>,
 }
@@ -124,14 +124,19 @@ async fn refresh_backlog(b: &Backlog) -> Result<(), kurier::Error> {
                 .set(if p.status == "parked" { 1.0 } else { 0.0 });
         }
     }
-    if let Some(schema) = &b.events {
+    for schema in &b.events {
         let lag = kurier::events::store::horizon_lag(&b.pool, schema).await?;
-        metrics::gauge!("kurier_events_last_position").set(lag.last_position as f64);
-        metrics::gauge!("kurier_events_horizon_lag_events").set(lag.unreadable_events as f64);
-        metrics::gauge!("kurier_events_horizon_holders").set(lag.holders as f64);
-        metrics::gauge!("kurier_events_horizon_age_seconds").set(lag.oldest_holder_age_secs);
+        let label = schema.to_string();
+        metrics::gauge!("kurier_events_last_position", "schema" => label.clone())
+            .set(lag.last_position as f64);
+        metrics::gauge!("kurier_events_horizon_lag_events", "schema" => label.clone())
+            .set(lag.unreadable_events as f64);
+        metrics::gauge!("kurier_events_horizon_holders", "schema" => label.clone())
+            .set(lag.holders as f64);
+        metrics::gauge!("kurier_events_horizon_age_seconds", "schema" => label.clone())
+            .set(lag.oldest_holder_age_secs);
         // Who: a number, so no label per pid (series would pile up); 0 = nobody.
-        metrics::gauge!("kurier_events_horizon_holder_pid")
+        metrics::gauge!("kurier_events_horizon_holder_pid", "schema" => label)
             .set(f64::from(lag.holder_pid.unwrap_or(0)));
     }
     if let Some(schema) = &b.inbox {

@@ -1249,15 +1249,15 @@ async fn the_events_cli_shows_tails_erases_and_names_the_horizon_holder() {
     let (held, pid) = open_append(&es, "order-2", ev(3)).await;
     // Committed, but after the open append drew its position.
     es.append("order-3", Expected::Any, &[ev(4)]).await.unwrap();
-    let cli = |args: &[&str]| {
-        std::process::Command::new(kurier_bin!())
-            .args(["events"].iter().chain(args))
+    let events_cmd = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(kurier_bin!());
+        cmd.args(["events"].iter().chain(args))
             .env_remove("KURIER_CONFIG")
             .env("DATABASE_URL", &db.url)
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap()
+            .env("RUST_LOG", "warn");
+        cmd
     };
+    let cli = |args: &[&str]| events_cmd(args).output().unwrap();
     let json_lines = |out: &std::process::Output| -> Vec<serde_json::Value> {
         assert!(
             out.status.success(),
@@ -1293,11 +1293,7 @@ async fn the_events_cli_shows_tails_erases_and_names_the_horizon_holder() {
         "{stats}"
     );
 
-    let mut tail = std::process::Command::new(kurier_bin!())
-        .args(["events", "tail", "--category", "order", "--json"])
-        .env_remove("KURIER_CONFIG")
-        .env("DATABASE_URL", &db.url)
-        .env("RUST_LOG", "warn")
+    let mut tail = events_cmd(&["tail", "--category", "order", "--json"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -1391,13 +1387,7 @@ async fn the_horizon_holder_appends_and_conflicts_are_in_metrics() {
     held.commit().await.unwrap();
     daemon.stop().await;
     assert_eq!(code, 200);
-    let value = |name: &str| -> f64 {
-        body.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{body}"))
-    };
+    let value = |name: &str| metric(&body, name);
     assert_eq!(
         value("kurier_events_horizon_holders{schema=\"kurier\"}"),
         1.0

@@ -389,13 +389,7 @@ async fn metrics_report_backlog_throughput_and_leases() {
     let (code, body) = http_get(addr, "/metrics").await;
     daemon.stop().await;
     assert_eq!(code, 200);
-    let value = |name: &str| -> f64 {
-        body.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{body}"))
-    };
+    let value = |name: &str| metric(&body, name);
     assert_eq!(value("kurier_backlog_up"), 1.0);
     assert_eq!(value("kurier_outbox_pending_rows{schema=\"kurier\"}"), 1.0);
     assert_eq!(value("kurier_outbox_retrying_rows{schema=\"kurier\"}"), 1.0);

@@ -23,10 +23,7 @@ pub struct InProcess {
 }
 
 pub async fn start_in_process(config: Config) -> InProcess {
-    let daemon = kurier_daemon::Daemon::bind(config).await.expect("bind");
-    let cancel = CancellationToken::new();
-    let handle = tokio::spawn(daemon.run(cancel.clone()));
-    InProcess { cancel, handle }
+    run(kurier_daemon::Daemon::bind(config).await.expect("bind"))
 }
 
 /// The daemon in-process with its HTTP server on a free local port.
@@ -34,9 +31,13 @@ pub async fn start_with_http(mut config: Config) -> (InProcess, std::net::Socket
     config.http_addr = Some("127.0.0.1:0".parse().unwrap());
     let daemon = kurier_daemon::Daemon::bind(config).await.expect("bind");
     let addr = daemon.http_addr().expect("an HTTP address was configured");
+    (run(daemon), addr)
+}
+
+fn run(daemon: kurier_daemon::Daemon) -> InProcess {
     let cancel = CancellationToken::new();
     let handle = tokio::spawn(daemon.run(cancel.clone()));
-    (InProcess { cancel, handle }, addr)
+    InProcess { cancel, handle }
 }
 
 impl InProcess {

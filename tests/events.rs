@@ -1188,6 +1188,55 @@ async fn an_erased_aggregate_loads_as_new_and_its_old_state_cannot_come_back() {
     assert_eq!(unknown.sqlstate().as_deref(), Some("KU404"), "{unknown:?}");
 }
 
+/// The marker's type is reserved in SQL too (migration 0009), so no client
+/// in any language can reset aggregates and read models with a fake one:
+/// each public append function refuses it with 22023 naming the type and
+/// (for a batch) the event, and stores nothing; erase_stream still appends
+/// its marker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sql_functions_refuse_the_marker_type_to_applications() {
+    let db = fresh_db().await;
+    let es = store(&db.pool);
+    es.append("account-9", Expected::NoStream, &[ev(0)])
+        .await
+        .unwrap();
+    let attempts = [
+        ("SELECT kurier.append_event('account-9', 'StreamErased', '{}')", "an event"),
+        ("SELECT kurier.append_event_bytes('account-9', 'StreamErased', '\\x00')", "an event"),
+        (
+            r#"SELECT kurier.append_events('account-9', NULL, '[{"type": "Counted", "data": 1}, {"type": "StreamErased", "data": {}}]')"#,
+            "events[1]",
+        ),
+        (
+            "SELECT kurier.append_events('account-9', 0, ARRAY['Counted', 'Counted', 'StreamErased'], ARRAY['1', '2', '{}']::jsonb[])",
+            "events[2]",
+        ),
+    ];
+    for (sql, which) in attempts {
+        let err = sqlx::query(sql).execute(&db.pool).await.unwrap_err();
+        let db_err = err.as_database_error().expect("a database error");
+        assert_eq!(db_err.code().as_deref(), Some("22023"), "{sql}: {db_err}");
+        let expected = format!(
+            "{which} for stream account-9 has the type StreamErased, reserved for the marker of kurier.erase_stream"
+        );
+        assert!(db_err.message().contains(&expected), "{sql}: {db_err}");
+    }
+    let stored: Vec<(i64, String)> =
+        sqlx::query_as("SELECT version, type FROM kurier.events WHERE stream = 'account-9'")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, [(0, "Counted".to_string())], "nothing was appended");
+    assert_eq!(outbox_count(&db.pool).await, 1, "nothing was published");
+    assert_eq!(es.erase_stream("account-9", "test").await.unwrap(), 1);
+    let left: Vec<(i64, String)> =
+        sqlx::query_as("SELECT version, type FROM kurier.events WHERE stream = 'account-9'")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(left, [(1, "StreamErased".to_string())]);
+}
+
 /// `examples/bank-account.rs`, the README's event-sourcing walk-through,
 /// runs against a fresh database and prints what the README shows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,190 @@
+-- Kurier event store: the event type StreamErased is reserved for the
+-- marker kurier.erase_stream appends.
+--
+-- Aggregates start anew at that marker and read models delete what they
+-- derived from the stream when they see it, so an application event of that
+-- type would silently reset them. The Rust library refused it from the
+-- start; from here on the SQL functions do too, for every language:
+--   kurier.append_event, kurier.append_event_bytes and both forms of
+--   kurier.append_events raise 22023 naming the reserved type (a batch: the
+--   first such event's 0-based index, as the JSON form's events[i]), and
+--   store nothing.
+-- kurier.erase_stream appends its marker through kurier.append_one, which
+-- stays unchecked (it is not part of the contract: call the public
+-- functions).
+--
+-- How: one text comparison in the single-event functions (SQL wrappers),
+-- one array scan in the array form of append_events (replaced here with its
+-- 0008 text and the check added; the JSON form goes through it); the
+-- function below runs only for a reserved type.
+--
+-- Written against schema kurier; other schemas get this text with every
+-- "kurier." replaced.
+
+-- Raises 22023 for the first reserved type in `types`; never returns.
+CREATE FUNCTION kurier.refuse_reserved_event_type(stream text, types text[])
+    RETURNS text[] LANGUAGE plpgsql AS $fn$
+DECLARE
+    which text := CASE WHEN cardinality(types) = 1 THEN 'an event'
+                       ELSE format('events[%s]', array_position(types, 'StreamErased') - array_lower(types, 1)) END;
+BEGIN
+    RAISE EXCEPTION 'kurier: % for stream % has the type StreamErased, reserved for the marker of kurier.erase_stream',
+        which, coalesce(stream, 'NULL')
+        USING ERRCODE = '22023',
+              HINT = 'name the event otherwise; to erase a stream, call kurier.erase_stream';
+END;
+$fn$;
+
+CREATE OR REPLACE FUNCTION kurier.append_event(
+    stream text, type text, data jsonb, metadata jsonb DEFAULT NULL,
+    expected_version bigint DEFAULT NULL, event_id uuid DEFAULT gen_random_uuid()
+) RETURNS bigint LANGUAGE sql
+    AS $fn$
+    SELECT kurier.append_one($1,
+        CASE WHEN $2 = 'StreamErased' THEN (kurier.refuse_reserved_event_type($1, ARRAY[$2]))[1] ELSE $2 END,
+        $3, NULL::bytea, $4, $5, $6)
+$fn$;
+
+CREATE OR REPLACE FUNCTION kurier.append_event_bytes(
+    stream text, type text, data bytea, metadata jsonb DEFAULT NULL,
+    expected_version bigint DEFAULT NULL, event_id uuid DEFAULT gen_random_uuid()
+) RETURNS bigint LANGUAGE sql
+    AS $fn$
+    SELECT kurier.append_one($1,
+        CASE WHEN $2 = 'StreamErased' THEN (kurier.refuse_reserved_event_type($1, ARRAY[$2]))[1] ELSE $2 END,
+        NULL::jsonb, $3, $4, $5, $6)
+$fn$;
+
+-- The array form of 0008 (the JSON form calls it), with the check added
+-- after the type check; otherwise 0008's text.
+CREATE OR REPLACE FUNCTION kurier.append_events(
+    stream text, expected_version bigint,
+    types text[], data jsonb[], metadata jsonb[] DEFAULT NULL, event_ids uuid[] DEFAULT NULL
+) RETURNS bigint LANGUAGE plpgsql AS $fn$
+DECLARE
+    p_stream   text := append_events.stream;
+    p_expected bigint := append_events.expected_version;
+    n          int := cardinality(types);
+    ids        uuid[] := event_ids;
+    metas      jsonb[] := metadata;
+    v_last     bigint;
+    first_pos  bigint;
+    bad        int;
+    inserted   int;
+    tmpl       text;
+    pub        boolean;
+    topic      text;
+BEGIN
+    IF p_stream IS NULL OR p_stream = '' THEN
+        RAISE EXCEPTION 'kurier: stream must be a non-empty name' USING ERRCODE = '22023';
+    END IF;
+    IF p_expected < -1 THEN
+        RAISE EXCEPTION 'kurier: expected_version % for stream % is invalid', p_expected, p_stream
+            USING ERRCODE = '22023', HINT = 'NULL = any, -1 = no stream yet, N >= 0 = at version N';
+    END IF;
+    IF coalesce(n, 0) = 0 THEN
+        RAISE EXCEPTION 'kurier: a batch for stream % has no events (types is %)', p_stream,
+            CASE WHEN types IS NULL THEN 'NULL' ELSE 'empty' END USING ERRCODE = '22023';
+    END IF;
+    IF array_ndims(types) > 1 OR array_ndims(data) > 1 OR array_ndims(metas) > 1 OR array_ndims(ids) > 1 THEN
+        RAISE EXCEPTION 'kurier: a batch for stream % must be given as one-dimensional arrays', p_stream
+            USING ERRCODE = '22023';
+    END IF;
+    IF cardinality(data) IS DISTINCT FROM n OR cardinality(metas) <> n OR cardinality(ids) <> n THEN
+        RAISE EXCEPTION 'kurier: a batch for stream % has % types but % data, % metadata and % event_ids',
+            p_stream, n, coalesce(cardinality(data)::text, 'NULL'), coalesce(cardinality(metas)::text, 'NULL'),
+            coalesce(cardinality(ids)::text, 'NULL')
+            USING ERRCODE = '22023', HINT = 'element i of each array describes event i; metadata and event_ids may be NULL';
+    END IF;
+    bad := least(kurier.first_null_index(types), array_position(types, '') - array_lower(types, 1));
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'kurier: invalid batch for stream %: events[%] has no type (a non-empty string)', p_stream, bad
+            USING ERRCODE = '22023';
+    END IF;
+    -- New in 0009 (the rest is 0008's text).
+    IF 'StreamErased' = ANY (types) THEN
+        PERFORM kurier.refuse_reserved_event_type(p_stream, types);
+    END IF;
+    bad := kurier.first_null_index(data);
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'kurier: invalid batch for stream %: events[%] has NULL data', p_stream, bad
+            USING ERRCODE = '22004', HINT = 'use ''null''::jsonb for a JSON null, or ''{}''';
+    END IF;
+    IF metas IS NOT NULL THEN
+        SELECT min(m.i) - 1 INTO bad FROM unnest(metas) WITH ORDINALITY AS m(m, i)
+        WHERE jsonb_typeof(m.m) NOT IN ('object', 'null');
+        IF bad IS NOT NULL THEN
+            RAISE EXCEPTION 'kurier: invalid batch for stream %: events[%] has metadata that is a JSON %, not an object',
+                p_stream, bad, jsonb_typeof(metas[array_lower(metas, 1) + bad]) USING ERRCODE = '22023';
+        END IF;
+        -- JSON null metadata is stored as SQL NULL, as append_event does.
+        IF EXISTS (SELECT FROM unnest(metas) m WHERE jsonb_typeof(m) = 'null') THEN
+            metas := ARRAY(SELECT CASE WHEN jsonb_typeof(m.m) = 'object' THEN m.m END
+                           FROM unnest(metas) WITH ORDINALITY AS m(m, i) ORDER BY m.i);
+        END IF;
+    END IF;
+    IF ids IS NULL OR array_position(ids, NULL) IS NOT NULL THEN
+        ids := ARRAY(SELECT coalesce(u.id, gen_random_uuid())
+                     FROM unnest(coalesce(event_ids, array_fill(NULL::uuid, ARRAY[n]))) WITH ORDINALITY AS u(id, i)
+                     ORDER BY u.i);
+    END IF;
+
+    -- Claim versions v_last-n+1 .. v_last; the stream row stays locked until commit.
+    INSERT INTO kurier.streams AS s (stream, version) VALUES (p_stream, n - 1)
+    ON CONFLICT ON CONSTRAINT streams_pkey DO UPDATE SET version = s.version + n
+    RETURNING s.version INTO v_last;
+
+    -- Idempotent retry, checked before the version check (under the lock):
+    -- a stored batch has its first event stored, so one probe tells.
+    IF event_ids[array_lower(event_ids, 1)] IS NOT NULL
+       AND EXISTS (SELECT FROM kurier.events e WHERE e.event_id = event_ids[array_lower(event_ids, 1)]) THEN
+        RETURN kurier.event_batch_stored_ids(p_stream, event_ids, v_last, n);
+    END IF;
+
+    IF p_expected IS NOT NULL AND p_expected <> v_last - n THEN
+        -- Before the conflict, what 0005 checked first: an id twice (22023),
+        -- ids stored before (KU422, from the retry path).
+        PERFORM kurier.event_batch_duplicates(p_stream, event_ids);
+        IF EXISTS (SELECT FROM kurier.events e WHERE e.event_id = ANY (event_ids)) THEN
+            RETURN kurier.event_batch_stored_ids(p_stream, event_ids, v_last, n);
+        END IF;
+        RAISE EXCEPTION 'kurier: stream % is at version %, expected %', p_stream, v_last - n, p_expected
+            USING ERRCODE = 'KU409', HINT = 'reload the stream and retry';
+    END IF;
+
+    first_pos := kurier.draw_event_position();
+    -- Positions ascend with versions: unnest yields the rows in array order
+    -- and nextval runs once per row in that order.
+    INSERT INTO kurier.events (global_position, stream, version, type, data, metadata, event_id)
+    SELECT CASE WHEN u.i = 1 THEN first_pos ELSE nextval('kurier.event_position') END,
+           p_stream, v_last - n + u.i, u.type, u.data, u.meta, u.id
+    FROM unnest(ids, types, data, metas) WITH ORDINALITY AS u(id, type, data, meta, i)
+    ON CONFLICT ON CONSTRAINT events_event_id_key DO NOTHING;
+    GET DIAGNOSTICS inserted = ROW_COUNT;
+    IF inserted < n THEN
+        -- Ids stored before (by a transaction that committed while this
+        -- one waited on them), or one id twice: the same answer as above.
+        RETURN kurier.event_batch_stored_ids(p_stream, event_ids, v_last, n);
+    END IF;
+
+    SELECT st.topic_template, st.publish INTO tmpl, pub FROM kurier.event_store_settings st;
+    IF pub THEN
+        topic := kurier.event_topic(tmpl, p_stream);
+        IF NOT kurier.is_legal_topic(topic) THEN
+            RAISE EXCEPTION 'kurier: stream % would publish to "%", which is not a legal Kafka topic', p_stream, topic
+                USING ERRCODE = '22023',
+                      HINT = 'a topic is 1-249 characters of [a-zA-Z0-9._-], not "." or "..": rename the stream '
+                             'or change the template with kurier.set_event_topic_template (now "' || tmpl || '")';
+        END IF;
+        -- Outbox ids ascend with versions (rows arrive in array order).
+        INSERT INTO kurier.outbox (message_id, topic, key, payload, headers)
+        SELECT u.id, topic, p_stream, u.data,
+               CASE WHEN jsonb_typeof(u.meta -> 'traceparent') = 'string'
+                    THEN jsonb_build_object('event-type', u.type, 'stream-version', (v_last - n + u.i)::text,
+                                            'traceparent', u.meta -> 'traceparent')
+                    ELSE jsonb_build_object('event-type', u.type, 'stream-version', (v_last - n + u.i)::text) END
+        FROM unnest(ids, types, data, metas) WITH ORDINALITY AS u(id, type, data, meta, i);
+    END IF;
+    RETURN v_last;
+END;
+$fn$;

@@ -9,10 +9,11 @@
 --   kurier.append_events raise 22023 naming the reserved type (a batch: the
 --   first such event's 0-based index, as the JSON form's events[i]), and
 --   store nothing.
+-- A guard against appending the marker by mistake, not a permission:
 -- kurier.erase_stream appends its marker through kurier.append_one, which
--- stays unchecked (it is not part of the contract: call the public
--- functions).
---
+-- stays unchecked and callable (erase_stream runs with its caller's rights,
+-- so append_one cannot be revoked from them); neither is a direct INSERT into
+-- kurier.events checked. Both are outside the contract.
 -- How: one text comparison in the single-event functions (SQL wrappers),
 -- one array scan in the array form of append_events (replaced here with its
 -- 0008 text and the check added; the JSON form goes through it); the
@@ -22,10 +23,12 @@
 -- "kurier." replaced.
 
 -- Raises 22023 for the first reserved type in `types`; never returns.
-CREATE FUNCTION kurier.refuse_reserved_event_type(stream text, types text[])
+-- one_event: the single-event functions' call (the message says "an
+-- event"); a batch names the event as events[i], 0-based.
+CREATE FUNCTION kurier.refuse_reserved_event_type(stream text, types text[], one_event boolean DEFAULT false)
     RETURNS text[] LANGUAGE plpgsql AS $fn$
 DECLARE
-    which text := CASE WHEN cardinality(types) = 1 THEN 'an event'
+    which text := CASE WHEN one_event THEN 'an event'
                        ELSE format('events[%s]', array_position(types, 'StreamErased') - array_lower(types, 1)) END;
 BEGIN
     RAISE EXCEPTION 'kurier: % for stream % has the type StreamErased, reserved for the marker of kurier.erase_stream',
@@ -41,7 +44,7 @@ CREATE OR REPLACE FUNCTION kurier.append_event(
 ) RETURNS bigint LANGUAGE sql
     AS $fn$
     SELECT kurier.append_one($1,
-        CASE WHEN $2 = 'StreamErased' THEN (kurier.refuse_reserved_event_type($1, ARRAY[$2]))[1] ELSE $2 END,
+        CASE WHEN $2 = 'StreamErased' THEN (kurier.refuse_reserved_event_type($1, ARRAY[$2], true))[1] ELSE $2 END,
         $3, NULL::bytea, $4, $5, $6)
 $fn$;
 
@@ -51,7 +54,7 @@ CREATE OR REPLACE FUNCTION kurier.append_event_bytes(
 ) RETURNS bigint LANGUAGE sql
     AS $fn$
     SELECT kurier.append_one($1,
-        CASE WHEN $2 = 'StreamErased' THEN (kurier.refuse_reserved_event_type($1, ARRAY[$2]))[1] ELSE $2 END,
+        CASE WHEN $2 = 'StreamErased' THEN (kurier.refuse_reserved_event_type($1, ARRAY[$2], true))[1] ELSE $2 END,
         NULL::jsonb, $3, $4, $5, $6)
 $fn$;
 

@@ -1191,8 +1191,8 @@ async fn an_erased_aggregate_loads_as_new_and_its_old_state_cannot_come_back() {
 /// The marker's type is reserved in SQL too (migration 0009), so no client
 /// in any language can reset aggregates and read models with a fake one:
 /// each public append function refuses it with 22023 naming the type and
-/// (for a batch) the event, and stores nothing; erase_stream still appends
-/// its marker.
+/// (for a batch, also of one) the event's 0-based index, and stores nothing;
+/// erase_stream still appends its marker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sql_functions_refuse_the_marker_type_to_applications() {
     let db = fresh_db().await;
@@ -1210,6 +1210,16 @@ async fn the_sql_functions_refuse_the_marker_type_to_applications() {
         (
             "SELECT kurier.append_events('account-9', 0, ARRAY['Counted', 'Counted', 'StreamErased'], ARRAY['1', '2', '{}']::jsonb[])",
             "events[2]",
+        ),
+        // A batch of one is still a batch; an array's lower bound does not
+        // shift the index.
+        (
+            r#"SELECT kurier.append_events('account-9', NULL, '[{"type": "StreamErased", "data": {}}]')"#,
+            "events[0]",
+        ),
+        (
+            "SELECT kurier.append_events('account-9', NULL, '[5:6]={Counted,StreamErased}'::text[], '[5:6]={1,2}'::jsonb[])",
+            "events[1]",
         ),
     ];
     for (sql, which) in attempts {

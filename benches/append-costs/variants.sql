@@ -1,8 +1,9 @@
 -- What a single-event append pays for, piece by piece: statements and
 -- functions that build up from a bare insert of the event row to
 -- kurier.append_event, run side by side by run.sh under pgbench. Only
--- bench_plain, bench_outbox and kurier.append_event itself are in `make
--- bench` (as its plain / with-outbox / append figures); the others exist
+-- run.sh's plain and plain_outbox statements and kurier.append_event itself
+-- match `make bench` (its plain / with-outbox / append figures, there from
+-- Rust writers); the others exist
 -- here, in a scratch database, to tell where the difference goes. None of
 -- them is a correct append: each adds one piece and skips the rest.
 
@@ -127,7 +128,8 @@ END $fn$;
 
 -- Instead of the update, no lock at all: the last version from the index,
 -- and the (stream, version) unique index settles races (ON CONFLICT DO
--- NOTHING on every unique index, then try the next version).
+-- NOTHING on every unique index, then try the next version; an event id
+-- stored twice would loop for ever here, which random ids never do).
 CREATE FUNCTION unique_index(p_stream text, p_data jsonb, p_id uuid) RETURNS bigint
     LANGUAGE plpgsql AS $fn$
 DECLARE v bigint;

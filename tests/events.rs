@@ -1346,6 +1346,7 @@ async fn the_events_cli_shows_tails_erases_and_names_the_horizon_holder() {
         ),
         (Some(3), Some(4))
     );
+    assert_eq!(stats["stats"]["version_conflicts"].as_i64(), Some(0));
     assert_eq!(
         stats["horizon"][0]["pid"].as_i64(),
         Some(i64::from(pid)),
@@ -1407,8 +1408,10 @@ async fn the_events_cli_shows_tails_erases_and_names_the_horizon_holder() {
 }
 
 /// The daemon's `/metrics` names the transaction at the horizon (pid, age,
-/// events it holds back), and the library's append and conflict counters
-/// reach the process's recorder (here the in-process daemon's).
+/// events it holds back) and counts the version conflicts of every client
+/// (the database counts them: the library's and plain SQL's), and the
+/// library's append and conflict counters reach the process's recorder
+/// (here the in-process daemon's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_horizon_holder_appends_and_conflicts_are_in_metrics() {
     let (db, brokers) = (fresh_db().await, brokers());
@@ -1437,6 +1440,16 @@ async fn the_horizon_holder_appends_and_conflicts_are_in_metrics() {
         matches!(conflict, Err(Error::VersionConflict { .. })),
         "{conflict:?}"
     );
+    // Conflicts of clients in other languages (plain SQL), a single event
+    // and a batch: the database counts them, with the library's one.
+    for sql in [
+        "SELECT kurier.append_event('order-1', 'Counted', '{}', NULL, 5)",
+        r#"SELECT kurier.append_events('order-1', -1, '[{"type": "Counted", "data": 1}]')"#,
+    ] {
+        let err = sqlx::query(sql).execute(&db.pool).await.unwrap_err();
+        let code = err.as_database_error().and_then(|e| e.code());
+        assert_eq!(code.as_deref(), Some("KU409"), "{sql}: {err}");
+    }
     let (held, pid) = open_append(&es, "order-2", ev(2)).await;
     es.append("order-3", Expected::Any, &[ev(3), ev(4)])
         .await
@@ -1474,6 +1487,15 @@ async fn the_horizon_holder_appends_and_conflicts_are_in_metrics() {
     assert!(value("kurier_events_appends_total{outcome=\"appended\"}") >= 3.0);
     assert!(value("kurier_events_appends_total{outcome=\"refused\"}") >= 1.0);
     assert!(value("kurier_events_conflicts_total") >= 1.0);
+    assert_eq!(
+        value("kurier_events_version_conflicts_total{schema=\"kurier\"}"),
+        3.0,
+        "the library's conflict and the two in SQL"
+    );
+    assert_eq!(
+        value("kurier_events_version_conflicts_total{schema=\"tenant_a\"}"),
+        0.0
+    );
 }
 
 /// Erasure removes the stream for good, tells read models (a StreamErased

@@ -380,6 +380,9 @@ pub struct Stats {
     pub horizon_holders: i64,
     pub oldest_holder_age_secs: Option<f64>,
     pub erasures: i64,
+    /// KU409s the append functions raised, for clients in every language
+    /// (`kurier.event_conflicts_total()`, migration 0009).
+    pub version_conflicts: i64,
 }
 
 pub async fn stats(pool: &PgPool, schema: &SchemaName) -> Result<Stats, Error> {
@@ -388,12 +391,22 @@ pub async fn stats(pool: &PgPool, schema: &SchemaName) -> Result<Stats, Error> {
                 (SELECT count(*) FROM kurier.events) AS events, \
                 coalesce(h.last_position, 0) AS last_position, coalesce(h.unreadable_events, 0) AS unreadable_events, \
                 coalesce(h.holders, 0)::bigint AS horizon_holders, h.oldest_holder_age_seconds::float8 AS oldest_holder_age_secs, \
-                (SELECT count(*) FROM kurier.erasures) AS erasures \
+                (SELECT count(*) FROM kurier.erasures) AS erasures, \
+                kurier.event_conflicts_total() AS version_conflicts \
          FROM kurier.event_horizon_lag() h",
     ))
     .fetch_one(pool)
     .await?;
     Ok(stats)
+}
+
+/// KU409s the append functions raised since migration 0009, from every
+/// client (the database counts them; for `/metrics`).
+pub async fn version_conflicts(pool: &PgPool, schema: &SchemaName) -> Result<i64, Error> {
+    let n = sqlx::query_scalar(&schema.sql("SELECT kurier.event_conflicts_total()"))
+        .fetch_one(pool)
+        .await?;
+    Ok(n)
 }
 
 /// How far `read_all` is held back, cheaply (for `/metrics`).

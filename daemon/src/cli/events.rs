@@ -113,8 +113,8 @@ async fn stats(pool: &PgPool, schema: &SchemaName, json: bool) -> anyhow::Result
         return Ok(());
     }
     println!(
-        "{} streams, {} events (last position {}), {} erasures",
-        stats.streams, stats.events, stats.last_position, stats.erasures
+        "{} streams, {} events (last position {}), {} erasures, {} version conflicts",
+        stats.streams, stats.events, stats.last_position, stats.erasures, stats.version_conflicts
     );
     println!(
         "read_all held back: {} events behind {} transaction(s)",

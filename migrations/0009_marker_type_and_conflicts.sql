@@ -1,6 +1,8 @@
--- Kurier event store: the event type StreamErased is reserved for the
--- marker kurier.erase_stream appends.
+-- Kurier event store: (1) the event type StreamErased is reserved for the
+-- marker kurier.erase_stream appends; (2) the database counts version
+-- conflicts (KU409), so /metrics has them for clients in every language.
 --
+-- (1)
 -- Aggregates start anew at that marker and read models delete what they
 -- derived from the stream when they see it, so an application event of that
 -- type would silently reset them. The Rust library refused it from the
@@ -19,8 +21,32 @@
 -- 0008 text and the check added; the JSON form goes through it); the
 -- function below runs only for a reserved type.
 --
+-- (2) A KU409 rolls its transaction back, and with it any row it could have
+-- counted in; a sequence is not transactional, so the append bumps
+-- kurier.event_conflicts just before raising, and the daemon reports
+-- kurier.event_conflicts_total() as kurier_events_version_conflicts_total.
+-- Both functions are SECURITY DEFINER (owned by whoever migrates), so roles
+-- granted before this migration need nothing new: a conflict stays a KU409,
+-- never a permission error on the sequence. kurier.append_one is replaced
+-- with 0005's text and the count added; the array form of append_events
+-- below has it too.
+--
 -- Written against schema kurier; other schemas get this text with every
 -- "kurier." replaced.
+
+-- Version conflicts of all clients since the migration (never reset; after
+-- a crash PostgreSQL may skip up to 32 values of a sequence, so the count
+-- can jump by that much then).
+CREATE SEQUENCE kurier.event_conflicts AS bigint MINVALUE 1 START 1 CACHE 1 NO CYCLE;
+
+CREATE FUNCTION kurier.count_event_conflict() RETURNS bigint
+    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    AS $fn$ SELECT nextval('kurier.event_conflicts') $fn$;
+
+-- How many KU409 the append functions raised (0 before the first).
+CREATE FUNCTION kurier.event_conflicts_total() RETURNS bigint
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    AS $fn$ SELECT CASE WHEN s.is_called THEN s.last_value ELSE 0 END FROM kurier.event_conflicts s $fn$;
 
 -- Raises 22023 for the first reserved type in `types`; never returns.
 -- one_event: the single-event functions' call (the message says "an
@@ -151,6 +177,8 @@ BEGIN
         IF EXISTS (SELECT FROM kurier.events e WHERE e.event_id = ANY (event_ids)) THEN
             RETURN kurier.event_batch_stored_ids(p_stream, event_ids, v_last, n);
         END IF;
+        -- New in 0009.
+        PERFORM kurier.count_event_conflict();
         RAISE EXCEPTION 'kurier: stream % is at version %, expected %', p_stream, v_last - n, p_expected
             USING ERRCODE = 'KU409', HINT = 'reload the stream and retry';
     END IF;
@@ -189,5 +217,117 @@ BEGIN
         FROM unnest(ids, types, data, metas) WITH ORDINALITY AS u(id, type, data, meta, i);
     END IF;
     RETURN v_last;
+END;
+$fn$;
+
+-- The single-event append behind append_event and append_event_bytes (and
+-- erase_stream's marker). Not part of the contract: call the public functions.
+CREATE OR REPLACE FUNCTION kurier.append_one(
+    p_stream text, p_type text, p_data jsonb, p_bytes bytea,
+    p_metadata jsonb, p_expected bigint, p_event_id uuid
+) RETURNS bigint LANGUAGE plpgsql AS $fn$
+DECLARE
+    v          bigint;
+    pos        bigint;
+    had_stream text;
+    had_version bigint;
+    tmpl       text;
+    pub        boolean;
+    topic      text;
+BEGIN
+    IF p_stream IS NULL OR p_stream = '' THEN
+        RAISE EXCEPTION 'kurier: stream must be a non-empty name' USING ERRCODE = '22023';
+    END IF;
+    IF p_type IS NULL OR p_type = '' THEN
+        RAISE EXCEPTION 'kurier: event type must be non-empty (stream %)', p_stream USING ERRCODE = '22023';
+    END IF;
+    IF p_data IS NULL AND p_bytes IS NULL THEN
+        RAISE EXCEPTION 'kurier: event data must not be NULL (stream %)', p_stream
+            USING ERRCODE = '22004', HINT = 'use ''null''::jsonb for a JSON null, or ''{}''';
+    END IF;
+    IF p_event_id IS NULL THEN
+        RAISE EXCEPTION 'kurier: event_id must not be NULL (stream %)', p_stream
+            USING ERRCODE = '22004', HINT = 'omit it to get gen_random_uuid()';
+    END IF;
+    IF p_expected < -1 THEN
+        RAISE EXCEPTION 'kurier: expected_version % for stream % is invalid', p_expected, p_stream
+            USING ERRCODE = '22023', HINT = 'NULL = any, -1 = no stream yet, N >= 0 = at version N';
+    END IF;
+    IF jsonb_typeof(p_metadata) IS DISTINCT FROM 'object' THEN
+        IF jsonb_typeof(p_metadata) = 'null' THEN
+            p_metadata := NULL;
+        ELSIF p_metadata IS NOT NULL THEN
+            RAISE EXCEPTION 'kurier: metadata of an event in stream % is a JSON %, not an object',
+                p_stream, jsonb_typeof(p_metadata) USING ERRCODE = '22023';
+        END IF;
+    END IF;
+
+    -- Claim the next version. The row lock this takes (also for a new
+    -- stream: the inserted row) is held until commit, so appenders of one
+    -- stream run one after the other and each sees its predecessor's commit
+    -- (READ COMMITTED re-reads the row after the wait). UPDATE first: the
+    -- common case, and cheaper than the upsert; the upsert creates a stream
+    -- (and settles a race between two creators).
+    UPDATE kurier.streams s SET version = s.version + 1 WHERE s.stream = p_stream
+    RETURNING s.version INTO v;
+    IF NOT FOUND THEN
+        INSERT INTO kurier.streams AS s (stream, version) VALUES (p_stream, 0)
+        ON CONFLICT ON CONSTRAINT streams_pkey DO UPDATE SET version = s.version + 1
+        RETURNING s.version INTO v;
+    END IF;
+
+    IF p_expected IS NOT NULL AND p_expected <> v - 1 THEN
+        -- Before reporting a conflict: is this the retry of an append that
+        -- already committed? (Checked under the stream lock, so a retry that
+        -- raced its original is seen too.)
+        SELECT e.stream, e.version INTO had_stream, had_version
+        FROM kurier.events e WHERE e.event_id = p_event_id;
+        IF had_stream = p_stream THEN
+            UPDATE kurier.streams s SET version = v - 1 WHERE s.stream = p_stream;
+            RETURN had_version;
+        ELSIF had_stream IS NOT NULL THEN
+            RAISE EXCEPTION 'kurier: event % is already stored in stream %, not %', p_event_id, had_stream, p_stream
+                USING ERRCODE = 'KU422', HINT = 'an event id identifies one event; use a new id';
+        END IF;
+        -- New in 0009 (the rest is 0005's text).
+        PERFORM kurier.count_event_conflict();
+        RAISE EXCEPTION 'kurier: stream % is at version %, expected %', p_stream, v - 1, p_expected
+            USING ERRCODE = 'KU409', HINT = 'reload the stream and retry';
+    END IF;
+
+    pos := kurier.draw_event_position();
+    -- ON CONFLICT (event_id): the id is already stored (a retry with no
+    -- expected version, or the same id in another stream).
+    INSERT INTO kurier.events (global_position, stream, version, type, data, data_bytes, metadata, event_id)
+    VALUES (pos, p_stream, v, p_type, p_data, p_bytes, p_metadata, p_event_id)
+    ON CONFLICT ON CONSTRAINT events_event_id_key DO NOTHING;
+    IF NOT FOUND THEN
+        SELECT e.stream, e.version INTO had_stream, had_version
+        FROM kurier.events e WHERE e.event_id = p_event_id;
+        IF had_stream = p_stream THEN
+            UPDATE kurier.streams s SET version = v - 1 WHERE s.stream = p_stream;
+            RETURN had_version;
+        END IF;
+        RAISE EXCEPTION 'kurier: event % is already stored in stream %, not %', p_event_id, had_stream, p_stream
+            USING ERRCODE = 'KU422', HINT = 'an event id identifies one event; use a new id';
+    END IF;
+
+    SELECT st.topic_template, st.publish INTO tmpl, pub FROM kurier.event_store_settings st;
+    IF pub THEN
+        topic := kurier.event_topic(tmpl, p_stream);
+        IF NOT kurier.is_legal_topic(topic) THEN
+            RAISE EXCEPTION 'kurier: stream % would publish to "%", which is not a legal Kafka topic', p_stream, topic
+                USING ERRCODE = '22023',
+                      HINT = 'a topic is 1-249 characters of [a-zA-Z0-9._-], not "." or "..": rename the stream '
+                             'or change the template with kurier.set_event_topic_template (now "' || tmpl || '")';
+        END IF;
+        INSERT INTO kurier.outbox (message_id, topic, key, payload, payload_bytes, headers)
+        VALUES (p_event_id, topic, p_stream, p_data, p_bytes,
+                CASE WHEN jsonb_typeof(p_metadata -> 'traceparent') = 'string'
+                     THEN jsonb_build_object('event-type', p_type, 'stream-version', v::text,
+                                             'traceparent', p_metadata -> 'traceparent')
+                     ELSE jsonb_build_object('event-type', p_type, 'stream-version', v::text) END);
+    END IF;
+    RETURN v;
 END;
 $fn$;

@@ -18,16 +18,18 @@
 -- kurier.events checked. Both are outside the contract.
 -- How: one text comparison in the single-event functions (SQL wrappers),
 -- one array scan in the array form of append_events (replaced here with its
--- 0008 text and the check added; the JSON form goes through it); the
--- function below runs only for a reserved type.
+-- 0008 text and the check added; the JSON form goes through it);
+-- kurier.refuse_reserved_event_type runs only for a reserved type.
 --
 -- (2) A KU409 rolls its transaction back, and with it any row it could have
 -- counted in; a sequence is not transactional, so the append bumps
 -- kurier.event_conflicts just before raising, and the daemon reports
 -- kurier.event_conflicts_total() as kurier_events_version_conflicts_total.
--- Both functions are SECURITY DEFINER (owned by whoever migrates), so roles
--- granted before this migration need nothing new: a conflict stays a KU409,
--- never a permission error on the sequence. kurier.append_one is replaced
+-- Both functions are SECURITY DEFINER (owned by whoever migrates) and
+-- granted to PUBLIC, so roles granted before this migration need nothing
+-- new: a conflict stays a KU409, never a permission error on the sequence.
+-- The count is database-wide: every daemon scraping it reports the same
+-- number (do not sum it over instances). kurier.append_one is replaced
 -- with 0005's text and the count added; the array form of append_events
 -- below has it too.
 --
@@ -45,8 +47,14 @@ CREATE FUNCTION kurier.count_event_conflict() RETURNS bigint
 
 -- How many KU409 the append functions raised (0 before the first).
 CREATE FUNCTION kurier.event_conflicts_total() RETURNS bigint
-    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
     AS $fn$ SELECT CASE WHEN s.is_called THEN s.last_value ELSE 0 END FROM kurier.event_conflicts s $fn$;
+
+-- append_one runs with its caller's rights, so every appender needs EXECUTE
+-- on the bump; PUBLIC gets it explicitly, also where default privileges
+-- revoke it (any role can then bump the count: it is a statistic, not an
+-- audit record).
+GRANT EXECUTE ON FUNCTION kurier.count_event_conflict(), kurier.event_conflicts_total() TO PUBLIC;
 
 -- Raises 22023 for the first reserved type in `types`; never returns.
 -- one_event: the single-event functions' call (the message says "an

@@ -1336,6 +1336,14 @@ async fn the_events_cli_shows_tails_erases_and_names_the_horizon_holder() {
     assert_eq!(versions, [0, 1]);
     assert_eq!(shown[1]["data"], json!({"n": 1}));
 
+    let conflict = es.append("order-1", Expected::NoStream, &[ev(9)]).await;
+    assert!(
+        matches!(conflict, Err(Error::VersionConflict { .. })),
+        "{conflict:?}"
+    );
+    let text = cli(&["stats"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("0 erasures, 1 version conflicts"), "{text}");
     let stats = cli(&["stats", "--json"]);
     assert!(stats.status.success());
     let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
@@ -1346,7 +1354,7 @@ async fn the_events_cli_shows_tails_erases_and_names_the_horizon_holder() {
         ),
         (Some(3), Some(4))
     );
-    assert_eq!(stats["stats"]["version_conflicts"].as_i64(), Some(0));
+    assert_eq!(stats["stats"]["version_conflicts"].as_i64(), Some(1));
     assert_eq!(
         stats["horizon"][0]["pid"].as_i64(),
         Some(i64::from(pid)),

@@ -139,9 +139,11 @@ async fn refresh_backlog(b: &Backlog) -> Result<(), kurier::Error> {
         metrics::gauge!("kurier_events_horizon_holder_pid", "schema" => label.clone())
             .set(f64::from(lag.holder_pid.unwrap_or(0)));
         // Counted by the database: SQL clients of any language included.
-        let conflicts = kurier::events::store::version_conflicts(&b.pool, schema).await?;
-        metrics::counter!("kurier_events_version_conflicts_total", "schema" => label)
-            .absolute(conflicts.max(0) as u64);
+        // No series before `kurier migrate` has brought 0009.
+        if let Some(n) = kurier::events::store::version_conflicts(&b.pool, schema).await? {
+            metrics::counter!("kurier_events_version_conflicts_total", "schema" => label)
+                .absolute(n.max(0) as u64);
+        }
     }
     if let Some(schema) = &b.inbox {
         for c in kurier::inbox::store::status(&b.pool, schema).await? {

@@ -381,8 +381,10 @@ pub struct Stats {
     pub oldest_holder_age_secs: Option<f64>,
     pub erasures: i64,
     /// KU409s the append functions raised, for clients in every language
-    /// (`kurier.event_conflicts_total()`, migration 0009).
-    pub version_conflicts: i64,
+    /// (`kurier.event_conflicts_total()`); None on a database not yet
+    /// migrated to 0009.
+    #[sqlx(skip)]
+    pub version_conflicts: Option<i64>,
 }
 
 pub async fn stats(pool: &PgPool, schema: &SchemaName) -> Result<Stats, Error> {
@@ -391,22 +393,30 @@ pub async fn stats(pool: &PgPool, schema: &SchemaName) -> Result<Stats, Error> {
                 (SELECT count(*) FROM kurier.events) AS events, \
                 coalesce(h.last_position, 0) AS last_position, coalesce(h.unreadable_events, 0) AS unreadable_events, \
                 coalesce(h.holders, 0)::bigint AS horizon_holders, h.oldest_holder_age_seconds::float8 AS oldest_holder_age_secs, \
-                (SELECT count(*) FROM kurier.erasures) AS erasures, \
-                kurier.event_conflicts_total() AS version_conflicts \
+                (SELECT count(*) FROM kurier.erasures) AS erasures \
          FROM kurier.event_horizon_lag() h",
     ))
     .fetch_one(pool)
     .await?;
-    Ok(stats)
+    Ok(Stats {
+        version_conflicts: version_conflicts(pool, schema).await?,
+        ..stats
+    })
 }
 
 /// KU409s the append functions raised since migration 0009, from every
-/// client (the database counts them; for `/metrics`).
-pub async fn version_conflicts(pool: &PgPool, schema: &SchemaName) -> Result<i64, Error> {
+/// client (the database counts them; for `/metrics`). None when the
+/// database lacks 0009: the daemon does not migrate at start, so a new
+/// binary may scrape a database `kurier migrate` has not reached yet.
+pub async fn version_conflicts(pool: &PgPool, schema: &SchemaName) -> Result<Option<i64>, Error> {
     let n = sqlx::query_scalar(&schema.sql("SELECT kurier.event_conflicts_total()"))
         .fetch_one(pool)
-        .await?;
-    Ok(n)
+        .await;
+    match n {
+        Ok(n) => Ok(Some(n)),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42883") => Ok(None),
+        Err(e) => Err(Error::explained(e)),
+    }
 }
 
 /// How far `read_all` is held back, cheaply (for `/metrics`).

@@ -114,7 +114,13 @@ async fn stats(pool: &PgPool, schema: &SchemaName, json: bool) -> anyhow::Result
     }
     println!(
         "{} streams, {} events (last position {}), {} erasures, {} version conflicts",
-        stats.streams, stats.events, stats.last_position, stats.erasures, stats.version_conflicts
+        stats.streams,
+        stats.events,
+        stats.last_position,
+        stats.erasures,
+        stats
+            .version_conflicts
+            .map_or("n/a (run `kurier migrate`)".to_string(), |n| n.to_string())
     );
     println!(
         "read_all held back: {} events behind {} transaction(s)",

@@ -26,6 +26,15 @@ fn ev(n: usize) -> NewEvent {
     NewEvent::json("Counted", json!({ "n": n }))
 }
 
+/// The (version, type) of every stored event of `stream`, by version.
+async fn stored_rows(pool: &PgPool, stream: &str) -> Vec<(i64, String)> {
+    sqlx::query_as("SELECT version, type FROM kurier.events WHERE stream = $1 ORDER BY version")
+        .bind(stream)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appenders_on_one_stream_have_one_winner_per_version() {
     let db = fresh_db().await;
@@ -1124,11 +1133,7 @@ async fn an_erased_aggregate_loads_as_new_and_its_old_state_cannot_come_back() {
             .unwrap(),
         2
     );
-    let left: Vec<(i64, String)> =
-        sqlx::query_as("SELECT version, type FROM kurier.events WHERE stream = 'account-8'")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
+    let left = stored_rows(&db.pool, "account-8").await;
     assert_eq!(left, [(2, "StreamErased".to_string())]);
     let snapshots: i64 =
         sqlx::query_scalar("SELECT count(*) FROM kurier.snapshots WHERE stream = 'account-8'")
@@ -1231,19 +1236,11 @@ async fn the_sql_functions_refuse_the_marker_type_to_applications() {
         );
         assert!(db_err.message().contains(&expected), "{sql}: {db_err}");
     }
-    let stored: Vec<(i64, String)> =
-        sqlx::query_as("SELECT version, type FROM kurier.events WHERE stream = 'account-9'")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
+    let stored = stored_rows(&db.pool, "account-9").await;
     assert_eq!(stored, [(0, "Counted".to_string())], "nothing was appended");
     assert_eq!(outbox_count(&db.pool).await, 1, "nothing was published");
     assert_eq!(es.erase_stream("account-9", "test").await.unwrap(), 1);
-    let left: Vec<(i64, String)> =
-        sqlx::query_as("SELECT version, type FROM kurier.events WHERE stream = 'account-9'")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
+    let left = stored_rows(&db.pool, "account-9").await;
     assert_eq!(left, [(1, "StreamErased".to_string())]);
 }
 
